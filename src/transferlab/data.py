@@ -1,0 +1,127 @@
+"""Images on disk -> tensors: decoding (once), per-model transforms, datasets and loaders."""
+from __future__ import annotations
+
+import csv
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from transferlab.models import Preprocess
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str   # relative to the project root, e.g. data/raw/train/ants/0013035.jpg
+    label: str  # class name
+
+
+def read_split(path: str | Path) -> list[Sample]:
+    """Rows of a split CSV written by the split stage."""
+    with open(path, newline="") as f:
+        return [Sample(row["path"], row["label"]) for row in csv.DictReader(f)]
+
+
+def write_split(path: str | Path, samples: list[Sample]) -> None:
+    from transferlab.files import atomic_writer
+    with atomic_writer(path, newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        writer.writerows([s.path, s.label] for s in samples)
+
+
+def is_image_file(path: str | Path) -> bool:
+    """The rule torchvision's ImageFolder applies: a known image extension."""
+    return str(path).lower().endswith(IMG_EXTENSIONS)
+
+
+def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
+    """Decode to 8-bit RGB, EXIF rotation applied; if `min_side`, shrink so the short side is that.
+
+    Shrinking here means the full-size original (some are 2592x1944) is decoded once, not every
+    epoch; JPEG's draft mode even decodes straight to a smaller scale.
+    """
+    with warnings.catch_warnings():
+        # Pillow warns before its decompression-bomb limit: a warning is not a reason to stop.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            if min_side and img.format == "JPEG":
+                scale = min_side / min(img.size)
+                img.draft("RGB", (int(img.width * scale) + 1, int(img.height * scale) + 1))
+            img = ImageOps.exif_transpose(img)
+            img = to_rgb(img)
+    if min_side and min(img.size) > min_side:
+        scale = min_side / min(img.size)
+        size = (max(min_side, round(img.width * scale)), max(min_side, round(img.height * scale)))
+        img = img.resize(size, Image.BILINEAR, reducing_gap=3.0)
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB: transparency onto white, 16-bit rescaled, CMYK converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if array.max() > 255 else 255.0
+        img = Image.fromarray((array / top * 255).round().astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def build_transform(pre: Preprocess, train: bool) -> T.Compose:
+    """The tutorial's augmentation for training, resize + centre crop for evaluation."""
+    interpolation = T.InterpolationMode(pre.interpolation)
+    if train:
+        steps = [T.RandomResizedCrop(pre.crop_size, interpolation=interpolation), T.RandomHorizontalFlip()]
+    else:
+        steps = [T.Resize(pre.resize_size, interpolation=interpolation), T.CenterCrop(pre.crop_size)]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+
+
+class ImageDataset(Dataset):
+    """Samples with integer labels; with `decode_once`, every image is decoded and shrunk up front."""
+
+    def __init__(self, samples: list[Sample], classes: list[str], transform, min_side: int | None = None,
+                 decode_once: bool = True):
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = sorted({s.label for s in samples} - set(index))
+        if unknown:
+            raise ValueError(f"labels {unknown} are not among the model's classes {classes}")
+        self.samples = samples
+        self.targets = [index[s.label] for s in samples]
+        self.transform = transform
+        self.min_side = min_side
+        self.images = [load_image(s.path, min_side) for s in samples] if decode_once else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = self.images[i] if self.images is not None else load_image(self.samples[i].path, self.min_side)
+        return self.transform(image), self.targets[i]
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, workers: int = 0,
+                pin_memory: bool = False) -> DataLoader:
+    """A DataLoader whose shuffling and worker augmentations are fixed by `seed`."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      pin_memory=pin_memory, persistent_workers=workers > 0,
+                      worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed))
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker from the loader's generator; numpy and random must follow it.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)

@@ -1,0 +1,228 @@
+"""The training loop shared by every mode: hardware decided once, then train/evaluate phases.
+
+The loop never asks which mode it runs: a mode only decides which parameters require grad and
+where the initial weights came from.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from tqdm import tqdm
+
+from transferlab.errors import UserError
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Everything device-dependent, decided once before the loop."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None   # autocast dtype, None for fp32
+    channels_last: bool
+    workers: int
+    pin_memory: bool
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        # Only fp16 underflows; bf16 has fp32's exponent range.
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=self.pin_memory)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def describe(self) -> dict:
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+        return {"device": self.device.type, "precision": precision, "channels_last": self.channels_last,
+                "workers": self.workers, "pin_memory": self.pin_memory}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 matmuls/convs run natively instead of being emulated."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def pick_hardware(device: str = "auto", precision: str = "auto", channels_last: bool | str = "auto",
+                  workers: int | str = "auto") -> Hardware:
+    """Resolve the `auto` settings for this machine; an explicit setting the machine lacks is an error."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device is cuda but torch sees no CUDA GPU; set device: auto or cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("train.device is mps but this torch has no MPS backend; set device: auto or cpu")
+    if precision == "auto":
+        precision = {"cuda": "fp16", "cpu": "bf16" if cpu_has_fast_bf16() else "fp32"}.get(device, "fp32")
+        if device == "cuda" and torch.cuda.is_bf16_supported():
+            precision = "bf16"
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if channels_last == "auto":
+        # Measured: a win with bf16/fp16 kernels (oneDNN, cuDNN); a loss for fp32 on CPU.
+        channels_last = amp_dtype is not None
+    if workers == "auto":
+        workers = min(4, os.cpu_count() or 1)
+    return Hardware(torch.device(device), amp_dtype, bool(channels_last), int(workers),
+                    pin_memory=device == "cuda")
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch (all devices); optionally demand deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def make_optimizer(params: list[nn.Parameter], name: str, lr: float, momentum: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; valid: sgd, adamw")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int, step_size: int,
+                   gamma: float) -> torch.optim.lr_scheduler.LRScheduler | None:
+    if name == "none":
+        return None
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    raise ValueError(f"unknown scheduler {name!r}; valid: none, step, cosine")
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Predictions:
+    """Class probabilities for a dataset, in its order."""
+
+    probs: np.ndarray    # (n, classes), float64
+    targets: np.ndarray  # (n,)
+    stats: EpochStats
+
+
+def split_outputs(outputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Main logits and auxiliary logits (inception, googlenet return a named tuple in training)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs, []
+    main, *aux = outputs
+    return main, [a for a in aux if a is not None]
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """train(), except frozen BatchNorm layers keep their ImageNet statistics (feature extraction)."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, _BatchNorm) and not any(p.requires_grad for p in module.parameters()):
+            module.eval()
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, hw: Hardware,
+                    scaler: torch.amp.GradScaler, aux_loss_weight: float = 0.4,
+                    desc: str = "train") -> EpochStats:
+    set_train_mode(model)
+    criterion = nn.CrossEntropyLoss()
+    total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
+    for images, targets in tqdm(loader, desc=desc, leave=False, disable=None):
+        images, targets = hw.to_device(images), targets.to(hw.device, non_blocking=hw.pin_memory)
+        with hw.autocast():
+            logits, aux = split_outputs(model(images))
+            loss = criterion(logits, targets) + sum(aux_loss_weight * criterion(a, targets) for a in aux)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total_loss += loss.item() * len(targets)
+        correct += (logits.argmax(1) == targets).sum().item()
+        seen += len(targets)
+    return EpochStats(total_loss / seen, correct / seen, seen, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, hw: Hardware, desc: str = "eval") -> Predictions:
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    probs, targets, total_loss, start = [], [], 0.0, time.perf_counter()
+    for images, batch_targets in tqdm(loader, desc=desc, leave=False, disable=None):
+        images, batch_targets = hw.to_device(images), batch_targets.to(hw.device)
+        with hw.autocast():
+            logits, _ = split_outputs(model(images))
+        logits = logits.double()  # softmax in float64, so probabilities sum to 1 for log loss
+        total_loss += criterion(logits, batch_targets).item()
+        probs.append(logits.softmax(1).cpu())
+        targets.append(batch_targets.cpu())
+    probs_np, targets_np = torch.cat(probs).numpy(), torch.cat(targets).numpy()
+    n = len(targets_np)
+    accuracy = float((probs_np.argmax(1) == targets_np).mean())
+    return Predictions(probs_np, targets_np, EpochStats(total_loss / n, accuracy, n, time.perf_counter() - start))
+
+
+@dataclass
+class FitResult:
+    best_state: dict
+    best_epoch: int          # 1-based
+    best_val: EpochStats
+    history: list[dict] = field(default_factory=list)
+
+
+def fit(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optimizer, scheduler,
+        epochs: int, hw: Hardware, aux_loss_weight: float = 0.4,
+        on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+    """Train for `epochs`, keeping the weights of the epoch with the best val accuracy (then loss)."""
+    hw.prepare(model)
+    scaler = hw.grad_scaler()
+    best: FitResult | None = None
+    history = []
+    for epoch in range(1, epochs + 1):
+        train = train_one_epoch(model, train_loader, optimizer, hw, scaler, aux_loss_weight,
+                                desc=f"epoch {epoch}/{epochs} train")
+        if scheduler is not None:
+            scheduler.step()  # once per epoch, after the optimizer's steps
+        val = predict(model, val_loader, hw, desc=f"epoch {epoch}/{epochs} val").stats
+        record = {"epoch": epoch, "train_loss": train.loss, "train_acc": train.accuracy,
+                  "val_loss": val.loss, "val_acc": val.accuracy, "train_seconds": train.seconds,
+                  "train_images_per_s": train.images_per_second, "val_seconds": val.seconds}
+        history.append(record)
+        print(f"epoch {epoch}/{epochs}: train loss {train.loss:.4f} acc {train.accuracy:.4f} | "
+              f"val loss {val.loss:.4f} acc {val.accuracy:.4f} | {train.images_per_second:.1f} img/s",
+              flush=True)
+        if best is None or (val.accuracy, -val.loss) > (best.best_val.accuracy, -best.best_val.loss):
+            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best = FitResult(state, epoch, val)
+        if on_epoch is not None:
+            on_epoch(record)
+    best.history = history
+    return best

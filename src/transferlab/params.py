@@ -1,0 +1,242 @@
+"""params.yaml -> frozen, validated dataclasses. Nothing else in transferlab opens params.yaml.
+
+Every problem is reported as a ParamsError naming the key (``train.lr``) and what to do, before a
+stage does any work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from transferlab.errors import UserError
+
+MODES = ("finetune", "extract", "scratch")
+
+
+class ParamsError(UserError, ValueError):
+    """A value in params.yaml that transferlab cannot run with."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    url: str
+    sha256: Optional[str] = None
+
+    def check(self, key: str) -> None:
+        _require(bool(self.url.strip()), f"{key}.url", "is empty; give a URL or a local path")
+        if self.sha256 is not None:
+            digest = self.sha256.lower()
+            _require(len(digest) == 64 and all(c in "0123456789abcdef" for c in digest),
+                     f"{key}.sha256", f"{self.sha256!r} is not 64 hex digits; set it to null to skip the check")
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    val_fraction: float
+    test_fraction: float
+
+    def check(self, key: str) -> None:
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            _require(0 < value < 1, f"{key}.{name}", f"is {value}; it must lie strictly between 0 and 1")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int
+    batch_size: int
+    optimizer: Literal["sgd", "adamw"]
+    lr: float
+    momentum: float
+    weight_decay: float
+    scheduler: Literal["none", "step", "cosine"]
+    step_size: int
+    gamma: float
+    aux_loss_weight: float
+    device: Literal["auto", "cpu", "cuda", "mps"]
+    precision: Literal["auto", "fp32", "bf16", "fp16"]
+    channels_last: Union[bool, Literal["auto"]]
+    workers: Union[int, Literal["auto"]]
+    deterministic: bool
+
+    def check(self, key: str) -> None:
+        for name in ("epochs", "batch_size", "step_size", "lr"):
+            value = getattr(self, name)
+            _require(value > 0, f"{key}.{name}", f"is {value}; it must be greater than 0")
+        for name in ("momentum", "weight_decay", "aux_loss_weight"):
+            value = getattr(self, name)
+            _require(value >= 0, f"{key}.{name}", f"is {value}; it must be 0 or more")
+        _require(0 < self.gamma <= 1, f"{key}.gamma", f"is {self.gamma}; it must lie in (0, 1]")
+        if self.workers != "auto":
+            _require(self.workers >= 0, f"{key}.workers", f"is {self.workers}; use 0 or more, or auto")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int
+
+    def check(self, key: str) -> None:
+        _require(self.batch_size > 0, f"{key}.batch_size", f"is {self.batch_size}; it must be greater than 0")
+
+
+@dataclass(frozen=True)
+class PlotParams:
+    grid_images: int
+
+    def check(self, key: str) -> None:
+        _require(self.grid_images > 0, f"{key}.grid_images", f"is {self.grid_images}; it must be greater than 0")
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    model: str
+    data: DataParams
+    split: SplitParams
+    train: TrainParams
+    finetune: TrainParams
+    extract: TrainParams
+    scratch: TrainParams
+    evaluate: EvaluateParams
+    plot: PlotParams
+
+    def for_mode(self, mode: str) -> TrainParams:
+        """The training params of one mode: `train` with that mode's overrides applied."""
+        return getattr(self, mode)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise ParamsError naming the first bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found; run from the project root, where params.yaml lives")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: must be a mapping of keys to values, got {type(raw).__name__}")
+    try:
+        return parse_params(raw)
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
+
+
+def parse_params(raw: dict[str, Any]) -> Params:
+    """Validate a params mapping (as read from params.yaml) into Params."""
+    from transferlab.models import resolve_model_name  # heavy import, only once the file parsed
+
+    raw = dict(raw)
+    for mode in MODES:
+        overrides = raw.get(mode, "missing")
+        if overrides == "missing":
+            raise ParamsError(f"{mode}: section is missing; add `{mode}: {{}}` to use the train section as is")
+        overrides = {} if overrides is None else overrides
+        if not isinstance(overrides, dict):
+            raise ParamsError(f"{mode}: must be a mapping of train keys to override, got {overrides!r}")
+        train = raw.get("train")
+        raw[mode] = {**train, **overrides} if isinstance(train, dict) else train
+    params = _build(Params, raw, "")
+    try:
+        resolve_model_name(params.model)
+    except ValueError as err:
+        raise ParamsError(f"model: {err}") from None
+    return params
+
+
+def _build(cls: type, raw: Any, key: str) -> Any:
+    """Build dataclass `cls` from mapping `raw`, checking keys, types and values."""
+    where = key or "params.yaml"
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where}: must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for name in raw:
+        if name not in fields:
+            close = difflib.get_close_matches(str(name), fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(fields)}"
+            raise ParamsError(f"{_join(key, name)}: unknown key{hint}")
+    values = {}
+    for name, field in fields.items():
+        sub = _join(key, name)
+        if name not in raw:
+            if field.default is dataclasses.MISSING:
+                raise ParamsError(f"{sub}: missing; add it to params.yaml")
+            continue
+        values[name] = _coerce(hints[name], raw[name], sub)
+    obj = cls(**values)
+    if hasattr(obj, "check"):
+        obj.check(key)
+    return obj
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """Return `value` as type `hint`, or raise ParamsError saying what was expected."""
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(option, value, key)
+            except ParamsError as err:
+                errors.append(str(err).split(": ", 1)[1])
+        raise ParamsError(f"{key}: {' or '.join(errors)}")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value in choices and type(value) is type(choices[0]):
+            return value
+        raise ParamsError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ParamsError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ParamsError(f"{key}: expected a whole number, got {value!r}")
+    if hint is float:
+        return _as_float(value, key)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ParamsError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"params.py cannot check type {hint} of {key}")  # a bug in this file, not in params
+
+
+def _as_float(value: Any, key: str) -> float:
+    # PyYAML follows YAML 1.1, where `1e-5` (no dot) is a string; users write it all the time.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ParamsError(f"{key}: expected a number, got {value!r}")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ParamsError(f"{key}: {message}")
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else str(name)
+
+
+def to_dict(params: Any) -> dict[str, Any]:
+    """Params (or a section) as plain dicts, for checkpoints and metrics."""
+    return dataclasses.asdict(params)

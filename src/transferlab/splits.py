@@ -1,0 +1,153 @@
+"""A fetched folder -> stratified, seeded train/val/test lists, with every skipped file explained."""
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from sklearn.model_selection import train_test_split
+
+from transferlab.data import Sample, is_image_file, load_image
+from transferlab.errors import UserError
+
+# Decoding at a small scale still reads every byte of the file, so truncation is caught, cheaply.
+_CHECK_SIDE = 64
+
+
+class SplitError(UserError):
+    """What is left after skipping unusable files cannot make a valid split."""
+
+
+def image_problem(path: Path) -> str | None:
+    """Why `path` cannot be used as an image, or None if it decodes."""
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            load_image(path, _CHECK_SIDE)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return f"over Pillow's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels"
+    except UnidentifiedImageError:
+        return "not an image Pillow can decode (wrong extension or corrupt header)"
+    except (OSError, ValueError, SyntaxError) as err:
+        return f"fails to decode: {err}"
+    return None
+
+
+def scan_classes(folder: Path) -> tuple[list[Sample], list[dict]]:
+    """Usable images under `folder/<class>/**` and the files skipped, each with its reason."""
+    samples, skipped = [], []
+    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
+            reason = _skip_reason(path, class_dir)
+            if reason:
+                skipped.append({"path": path.as_posix(), "reason": reason})
+            else:
+                samples.append(Sample(path.as_posix(), class_dir.name))
+    return samples, skipped
+
+
+def _skip_reason(path: Path, class_dir: Path) -> str | None:
+    if any(part.startswith(".") for part in path.relative_to(class_dir).parts):
+        return "hidden file"
+    if not is_image_file(path):
+        return f"extension {path.suffix or '(none)'!r} is not one torchvision's ImageFolder loads"
+    return image_problem(path)
+
+
+def drop_duplicates(groups: list[list[Sample]]) -> tuple[list[list[Sample]], list[dict]]:
+    """Keep the first copy of each byte-identical image, scanning `groups` in order.
+
+    Putting the test group first guarantees that no copy of a test image is trained on.
+    """
+    first_seen: dict[str, str] = {}
+    kept_groups, skipped = [], []
+    for group in groups:
+        kept = []
+        for sample in group:
+            digest = hashlib.sha256(Path(sample.path).read_bytes()).hexdigest()
+            if digest in first_seen:
+                skipped.append({"path": sample.path, "reason": f"exact duplicate of {first_seen[digest]}"})
+            else:
+                first_seen[digest] = sample.path
+                kept.append(sample)
+        kept_groups.append(kept)
+    return kept_groups, skipped
+
+
+def stratified_split(samples: list[Sample], fraction: float, seed: int, name: str) -> tuple[list[Sample], list[Sample]]:
+    """Split off `fraction` of `samples`, stratified by label; same seed, same split."""
+    labels = [s.label for s in samples]
+    too_few = sorted(label for label, n in Counter(labels).items() if n < 2)
+    if too_few:
+        raise SplitError(f"cannot split off a {name} set: classes {too_few} have fewer than 2 usable "
+                         f"images; add images or remove those class folders")
+    try:
+        rest, part = train_test_split(samples, test_size=fraction, stratify=labels, random_state=seed)
+    except ValueError as err:
+        raise SplitError(f"cannot split off {fraction:.0%} as a {name} set stratified by class: {err}; "
+                         f"change split.{name}_fraction in params.yaml or add images") from None
+    return _sorted(rest), _sorted(part)
+
+
+def make_splits(raw: Path, val_fraction: float, test_fraction: float, seed: int) -> tuple[dict[str, list[Sample]], dict]:
+    """Split the fetched folder `raw` into train/val/test and describe what was done.
+
+    `raw/train` and `raw/val` (the tutorial's layout): test = val/, val = a stratified part of
+    train/. Otherwise `raw/<class>/` folders: test and val are both split off.
+    """
+    if (raw / "train").is_dir():
+        layout = "train/ and val/ folders" if (raw / "val").is_dir() else "train/ folder only"
+        pool, skipped = scan_classes(raw / "train")
+        test, test_skipped = scan_classes(raw / "val") if (raw / "val").is_dir() else ([], [])
+        skipped += test_skipped
+        _check_same_classes(pool, test, raw)
+    else:
+        layout = "one folder per class"
+        (pool, skipped), test = scan_classes(raw), []
+    (test, pool), duplicates = drop_duplicates([test, pool])
+    skipped += duplicates
+    classes = sorted({s.label for s in pool})
+    if len(classes) < 2:
+        examples = "; ".join(f"{row['path']}: {row['reason']}" for row in skipped[:3])
+        raise SplitError(f"{raw}: found {len(classes)} class(es) with usable images ({classes}); a "
+                         f"classifier needs at least 2 class folders. {len(skipped)} files were "
+                         f"skipped{', e.g. ' + examples if examples else ''}")
+    if not test:
+        pool, test = stratified_split(pool, test_fraction, seed, "test")
+    train, val = stratified_split(pool, val_fraction, seed, "val")
+    splits = {"train": train, "val": val, "test": _sorted(test)}
+    report = {
+        "layout": layout,
+        "classes": classes,
+        "counts": {name: _counts(rows, classes) for name, rows in splits.items()},
+        "skipped": sorted(skipped, key=lambda row: row["path"]),
+        "empty_classes": _empty_classes(raw, classes),
+    }
+    return splits, report
+
+
+def _check_same_classes(train: list[Sample], test: list[Sample], raw: Path) -> None:
+    train_classes, test_classes = {s.label for s in train}, {s.label for s in test}
+    if test and train_classes != test_classes:
+        raise SplitError(f"{raw}: class folders differ between train/ {sorted(train_classes)} and val/ "
+                         f"{sorted(test_classes)}; rename the folders so both hold the same classes")
+
+
+def _empty_classes(raw: Path, classes: list[str]) -> list[str]:
+    """Class folders whose files were all skipped: they are left out of the classifier."""
+    folders = raw / "train" if (raw / "train").is_dir() else raw
+    return sorted(p.name for p in folders.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and p.name not in classes)
+
+
+def _counts(rows: list[Sample], classes: list[str]) -> dict[str, int]:
+    counts = Counter(s.label for s in rows)
+    return {name: counts[name] for name in classes}
+
+
+def _sorted(rows: list[Sample]) -> list[Sample]:
+    return sorted(rows, key=lambda s: s.path)

@@ -1,0 +1,22 @@
+"""fetch: data.url (or the mirror) -> data/raw/, and data/fetch.json saying what was fetched."""
+import os
+
+from transferlab.fetching import MIRROR_ENV, fetch
+from transferlab.files import write_json
+from transferlab.params import load_params
+from transferlab.stages import run_stage
+
+RAW_DIR = "data/raw"
+RECORD = "data/fetch.json"
+
+
+def main() -> None:
+    params = load_params()
+    mirror = os.environ.get(MIRROR_ENV)
+    info = fetch(params.data.url, RAW_DIR, params.data.sha256, mirror)
+    write_json(RECORD, {"url": params.data.url, **info})
+    print(f"fetched {info['files']} files from {info['source']} into {RAW_DIR} (sha256 {info['sha256']})")
+
+
+if __name__ == "__main__":
+    run_stage("fetch", main)

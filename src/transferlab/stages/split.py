@@ -1,0 +1,27 @@
+"""split: data/raw/ -> data/split/{train,val,test}.csv and data/split/report.json."""
+from pathlib import Path
+
+from transferlab.data import write_split
+from transferlab.files import write_json
+from transferlab.params import load_params
+from transferlab.splits import make_splits
+from transferlab.stages import run_stage
+
+RAW_DIR = Path("data/raw")
+SPLIT_DIR = Path("data/split")
+
+
+def main() -> None:
+    params = load_params()
+    splits, report = make_splits(RAW_DIR, params.split.val_fraction, params.split.test_fraction, params.seed)
+    for name, samples in splits.items():
+        write_split(SPLIT_DIR / f"{name}.csv", samples)
+    write_json(SPLIT_DIR / "report.json", report)
+    counts = ", ".join(f"{name} {sum(c.values())}" for name, c in report["counts"].items())
+    print(f"classes {report['classes']}: {counts}; skipped {len(report['skipped'])} files")
+    for row in report["skipped"]:
+        print(f"  skipped {row['path']}: {row['reason']}")
+
+
+if __name__ == "__main__":
+    run_stage("split", main)

@@ -1,0 +1,102 @@
+"""Shared fixtures: generated images, a copy of the project, torch caches with test weights."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+# Files a copy of the project needs to run the pipeline (what git tracks, minus outputs).
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "src", ".dvc/config", ".dvcignore"]
+
+
+def make_image(path: Path, color: tuple[int, int, int], seed: int, size: tuple[int, int] = (48, 40)) -> Path:
+    """A noisy image around `color`: classes of different colours are trivially separable."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(color) + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+CLASS_COLORS = {"ants": (200, 60, 40), "bees": (40, 80, 200)}
+
+
+def make_dataset(root: Path, train_per_class: int = 10, val_per_class: int = 4) -> Path:
+    """An ImageFolder tree in the tutorial's layout: root/{train,val}/{ants,bees}/*.jpg."""
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for c, (name, color) in enumerate(CLASS_COLORS.items()):
+            for i in range(count):
+                make_image(root / split / name / f"{name}_{i:03d}.jpg", color, seed=hash((split, c, i)) % 2**31)
+    return root
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Path:
+    return make_dataset(tmp_path / "tiny")
+
+
+def write_test_weights(torch_home: Path, arch: str) -> Path:
+    """Save a random-init state dict where torchvision looks for `arch`'s ImageNet weights
+    when TORCH_HOME is `torch_home`: hub/checkpoints/<file name of the weights' URL>."""
+    from torchvision.models import get_model, get_model_weights
+
+    url = get_model_weights(arch).DEFAULT.url
+    path = torch_home / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(get_model(arch, weights=None).state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty, private torch cache (TORCH_HOME) for this test."""
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+def copy_project(dest: Path) -> Path:
+    """The project's files in a fresh git + DVC repo at `dest`, as a user's clone would be."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
+    subprocess.run(git + ["commit", "-qm", "project"], cwd=dest, check=True)
+    return dest
+
+
+def pipeline_env(torch_home: Path | None = None, **extra: str) -> dict[str, str]:
+    """Environment for `dvc` subprocesses: this interpreter's tools first on PATH, no analytics."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["PYTHONPATH"] = str(ROOT / "src")
+    if torch_home is not None:
+        env["TORCH_HOME"] = str(torch_home)
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command, echoing its output when it fails so the test log shows why."""
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n--- stdout\n{result.stdout}\n"
+                             f"--- stderr\n{result.stderr}")
+    return result

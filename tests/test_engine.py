@@ -1,0 +1,93 @@
+import warnings
+
+import pytest
+import torch
+from conftest import CLASS_COLORS, make_image
+from torch import nn
+
+from transferlab.data import ImageDataset, Sample, build_transform, make_loader
+from transferlab.engine import (cpu_has_fast_bf16, fit, make_optimizer, make_scheduler, pick_hardware, predict,
+                                seed_everything, set_train_mode)
+from transferlab.errors import UserError
+from transferlab.models import Preprocess
+
+PRE = Preprocess(crop_size=24, resize_size=28, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+CLASSES = list(CLASS_COLORS)
+
+
+def tiny_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, len(CLASSES)))
+
+
+@pytest.fixture(scope="module")
+def loaders_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("colors")
+    def samples(split, n):
+        return [Sample(str(make_image(root / split / f"{c}{i}.png", color, seed=hash((split, c, i)) % 999)), c)
+                for c, color in CLASS_COLORS.items() for i in range(n)]
+    return samples("train", 12), samples("val", 6)
+
+
+def run_fit(loaders_data, epochs=4, precision="fp32", workers=0, scheduler="none", seed=0):
+    seed_everything(seed)
+    hw = pick_hardware("cpu", precision, "auto", workers)
+    train, val = loaders_data
+    train_loader = make_loader(ImageDataset(train, CLASSES, build_transform(PRE, True)), 4, True, seed, workers)
+    val_loader = make_loader(ImageDataset(val, CLASSES, build_transform(PRE, False)), 4, False, seed, workers)
+    model = tiny_net()
+    optimizer = make_optimizer(list(model.parameters()), "sgd", 0.05, 0.9, 0.0)
+    sched = make_scheduler(optimizer, scheduler, epochs, step_size=1, gamma=0.5)
+    result = fit(model, train_loader, val_loader, optimizer, sched, epochs, hw)
+    return result, model, val_loader, hw, optimizer
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_learns_a_trivially_separable_dataset(loaders_data, precision):
+    if precision == "bf16" and not cpu_has_fast_bf16():
+        pytest.skip("this CPU has neither AVX-512 BF16 nor AMX")
+    result, *_ = run_fit(loaders_data, epochs=5, precision=precision)
+    assert result.best_val.accuracy == 1.0
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_keeps_the_best_val_epoch(loaders_data):
+    result, model, val_loader, hw, _ = run_fit(loaders_data, epochs=4)
+    best = max(result.history, key=lambda r: (r["val_acc"], -r["val_loss"]))
+    assert result.best_epoch == best["epoch"] and result.best_val.loss == best["val_loss"]
+    model.load_state_dict(result.best_state)
+    again = predict(model, val_loader, hw).stats
+    assert again.accuracy == best["val_acc"] and again.loss == pytest.approx(best["val_loss"], rel=1e-6)
+
+
+def test_same_seed_same_metrics_with_workers(loaders_data):
+    first, *_ = run_fit(loaders_data, epochs=2, workers=2)
+    second, *_ = run_fit(loaders_data, epochs=2, workers=2)
+    other, *_ = run_fit(loaders_data, epochs=2, workers=2, seed=1)
+    keys = ("train_loss", "val_loss", "val_acc")
+    assert [[r[k] for k in keys] for r in first.history] == [[r[k] for k in keys] for r in second.history]
+    assert first.history[0]["train_loss"] != other.history[0]["train_loss"]
+
+
+def test_scheduler_steps_after_the_optimizer(loaders_data):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns if the scheduler steps before the optimizer
+        *_, optimizer = run_fit(loaders_data, epochs=2, scheduler="step")
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.25)
+
+
+def test_frozen_batchnorm_keeps_its_statistics():
+    model = tiny_net()
+    model[0].requires_grad_(False), model[1].requires_grad_(False)
+    set_train_mode(model)
+    assert not model[1].training and model[5].training
+
+
+def test_hardware_choices():
+    hw = pick_hardware("cpu", "fp32", "auto", 0)
+    assert hw.describe() == {"device": "cpu", "precision": "fp32", "channels_last": False, "workers": 0,
+                             "pin_memory": False}
+    assert pick_hardware("cpu", "bf16", "auto", 1).channels_last
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            pick_hardware("cuda")

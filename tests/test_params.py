@@ -1,0 +1,87 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from transferlab.params import MODES, ParamsError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def raw() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_project_params_load_with_tutorial_defaults():
+    params = load_params(ROOT / "params.yaml")
+    assert params.model == "squeezenet"
+    assert (params.train.batch_size, params.train.epochs, params.train.lr, params.train.momentum) == (8, 15, 0.001, 0.9)
+    assert params.data.url == "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
+    for mode in MODES:
+        assert params.for_mode(mode) == params.train
+
+
+def test_mode_overrides_apply_to_that_mode_only(raw):
+    raw["scratch"] = {"lr": 0.01, "epochs": 30}
+    params = parse_params(raw)
+    assert (params.for_mode("scratch").lr, params.for_mode("scratch").epochs) == (0.01, 30)
+    assert params.for_mode("finetune").lr == 0.001
+    assert params.for_mode("scratch").batch_size == params.train.batch_size
+
+
+def test_exponent_without_dot_is_a_float(raw):
+    # `dvc exp run -S train.lr=1e-5` writes 1e-05, which YAML 1.1 reads as a string.
+    raw["train"]["lr"] = yaml.safe_load("lr: 1e-05")["lr"]
+    assert raw["train"]["lr"] == "1e-05"
+    assert parse_params(raw).train.lr == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("edit, key, words", [
+    (lambda r: r["train"].update(lrr=0.1), "train.lrr", "did you mean 'lr'"),
+    (lambda r: r.update(modle="resnet"), "modle", "did you mean 'model'"),
+    (lambda r: r["train"].update(epochs="ten"), "train.epochs", "whole number"),
+    (lambda r: r["train"].update(epochs=2.5), "train.epochs", "whole number"),
+    (lambda r: r["train"].update(epochs=True), "train.epochs", "whole number"),
+    (lambda r: r["train"].update(lr="fast"), "train.lr", "expected a number"),
+    (lambda r: r["train"].update(epochs=0), "train.epochs", "greater than 0"),
+    (lambda r: r["train"].update(batch_size=-8), "train.batch_size", "greater than 0"),
+    (lambda r: r["train"].update(lr=-0.001), "train.lr", "greater than 0"),
+    (lambda r: r["train"].update(momentum=-1), "train.momentum", "0 or more"),
+    (lambda r: r["train"].update(optimizer="adam"), "train.optimizer", "sgd, adamw"),
+    (lambda r: r["train"].update(channels_last="maybe"), "train.channels_last", "true or false"),
+    (lambda r: r["train"].update(workers=-1), "train.workers", "0 or more"),
+    (lambda r: r["split"].update(val_fraction=1.5), "split.val_fraction", "between 0 and 1"),
+    (lambda r: r["data"].update(sha256="abc"), "data.sha256", "64 hex digits"),
+    (lambda r: r["evaluate"].update(batch_size=0), "evaluate.batch_size", "greater than 0"),
+    (lambda r: r.pop("seed"), "seed", "missing"),
+    (lambda r: r["train"].pop("lr"), "train.lr", "missing"),
+    (lambda r: r.pop("extract"), "extract", "section is missing"),
+    (lambda r: r.update(finetune=[1]), "finetune", "mapping"),
+    (lambda r: r["finetune"].update(lr=0), "finetune.lr", "greater than 0"),
+    (lambda r: r["scratch"].update(epoch=3), "scratch.epoch", "did you mean 'epochs'"),
+    (lambda r: r.update(model="resnet19"), "model", "resnet18"),
+    (lambda r: r.update(model="squeezenet2"), "model", "squeezenet"),
+])
+def test_bad_values_name_the_key(raw, edit, key, words):
+    edit(raw)
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    message = str(err.value)
+    assert message.startswith(f"{key}:"), message
+    assert words in message
+
+
+def test_any_torchvision_model_and_lite0_are_accepted(raw):
+    for name in ("resnet50", "vit_b_16", "efficientnet_lite0", "densenet"):
+        raw["model"] = name
+        assert parse_params(raw).model == name
+
+
+def test_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="bad.yaml: is not valid YAML"):
+        load_params(bad)

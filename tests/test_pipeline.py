@@ -1,0 +1,84 @@
+"""The real pipeline, end to end: dvc repro, dvc exp run -S model=..., dvc metrics diff."""
+import csv
+import json
+import subprocess
+
+import torch
+import yaml
+from conftest import copy_project, make_dataset, pipeline_env, run, write_test_weights
+
+MODES = ("finetune", "extract", "scratch")
+
+
+def set_params(project, **sections):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def commit(project, message):
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(git + ["add", "-A"], cwd=project, check=True)
+    subprocess.run(git + ["commit", "-qm", message], cwd=project, check=True)
+
+
+def test_repro_then_experiment_then_metrics_diff(tmp_path):
+    data = make_dataset(tmp_path / "tiny", train_per_class=8, val_per_class=4)
+    project = copy_project(tmp_path / "project")
+    set_params(project, data={"url": str(data)}, train={"epochs": 2, "batch_size": 4})
+    torch_home = tmp_path / "torch_home"
+    for arch in ("squeezenet1_0", "resnet18"):  # random weights under torchvision's own file names
+        write_test_weights(torch_home, arch)
+    env = pipeline_env(torch_home)
+
+    out = run(["dvc", "repro"], project, env).stdout
+    ran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
+    assert ran[:2] == ["fetch", "split"] and ran[-2:] == ["evaluate", "plot"]
+    assert sorted(ran[2:5]) == ["train-extract", "train-finetune", "train-scratch"]
+
+    report = json.loads((project / "data/split/report.json").read_text())
+    assert report["counts"]["test"] == {"ants": 4, "bees": 4}
+    for mode in MODES:
+        checkpoint = torch.load(project / f"models/{mode}.pt", weights_only=True)
+        assert (checkpoint["arch"], checkpoint["classes"], checkpoint["mode"]) == ("squeezenet1_0", ["ants", "bees"], mode)
+        assert checkpoint["preprocess"]["crop_size"] == 224 and checkpoint["state_dict"]
+        summary = json.loads((project / f"metrics/train/{mode}.json").read_text())
+        assert summary["epochs"] == 2 and summary["device"] == "cpu" and summary["train_images_per_s"] > 0
+        with open(project / f"metrics/predictions/{mode}.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 8 and {r["actual"] for r in rows} == {"ants", "bees"}
+        assert (project / f"logs/{mode}/plots/metrics/val/acc.tsv").read_text().count("\n") == 3
+    evaluation = json.loads((project / "metrics/eval.json").read_text())
+    for mode in MODES:
+        m = evaluation[mode]
+        assert 0 <= m["accuracy_ci95_low"] <= m["accuracy"] <= m["accuracy_ci95_high"] <= 1
+        assert m["images"] == 8 and m["inference_images_per_s"] > 0
+    assert "mcnemar_p" in evaluation["finetune_vs_scratch"]
+    for png in ("val_accuracy", "loss", "test_accuracy", "confusion", "test_predictions"):
+        assert (project / f"plots/{png}.png").read_bytes()[:4] == b"\x89PNG"
+
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], project, env).stdout
+    commit(project, "squeezenet baseline")
+
+    out = run(["dvc", "exp", "run", "-S", "model=resnet"], project, env).stdout
+    assert "Stage 'fetch' didn't change, skipping" in out and "Stage 'split' didn't change, skipping" in out
+    assert "Running stage 'train-finetune'" in out and "Running stage 'plot'" in out
+    assert torch.load(project / "models/finetune.pt", weights_only=True)["arch"] == "resnet18"
+
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project, env).stdout)
+    parameters = diff["metrics/train/finetune.json"]["parameters"]
+    assert parameters["old"] == 736450 and parameters["new"] == 11177538
+    params = json.loads(run(["dvc", "params", "diff", "--json"], project, env).stdout)
+    assert params["params.yaml"]["model"] == {"old": "squeezenet", "new": "resnet"}
+    shown = run(["dvc", "plots", "show", "-o", str(tmp_path / "plots_html")], project, env)
+    assert (tmp_path / "plots_html" / "index.html").exists(), shown.stdout
+
+
+def test_bad_params_stop_the_stage_before_any_work(tmp_path):
+    project = copy_project(tmp_path / "project")
+    set_params(project, train={"lr": "fast"})
+    result = run(["dvc", "repro", "fetch"], project, pipeline_env(), check=False)
+    assert result.returncode != 0
+    assert "params.yaml: train.lr: expected a number, got 'fast'" in result.stderr + result.stdout
+    assert not (project / "data").exists()

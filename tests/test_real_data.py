@@ -1,0 +1,49 @@
+"""The whole pipeline on the real hymenoptera images with EfficientNet-Lite0's real ImageNet weights.
+
+Proves, offline, that transfer learning works end to end. Needs a copy of the dataset archive:
+TRANSFERLAB_HYMENOPTERA=<path to hymenoptera_data.zip> (default: ../shared/data/ beside the repo).
+CI sets TRANSFERLAB_REQUIRE_REAL_DATA=1, which turns a missing copy into a failure.
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, copy_project, pipeline_env, run
+
+from transferlab.fetching import MIRROR_ENV
+
+ARCHIVE = Path(os.environ.get("TRANSFERLAB_HYMENOPTERA", ROOT.parent / "shared/data/hymenoptera_data.zip"))
+EPOCHS = 5
+
+
+@pytest.mark.slow
+def test_transfer_learning_pays_off_on_hymenoptera(tmp_path):
+    if not ARCHIVE.is_file():
+        message = f"no hymenoptera copy at {ARCHIVE}; set TRANSFERLAB_HYMENOPTERA to the zip's path"
+        if os.environ.get("TRANSFERLAB_REQUIRE_REAL_DATA"):
+            pytest.fail(message)
+        pytest.skip(message)
+    project = copy_project(tmp_path / "project")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["model"] = "efficientnet_lite0"
+    params["train"]["epochs"] = EPOCHS
+    official = params["data"]["url"]
+    if ARCHIVE.name != official.rsplit("/", 1)[-1]:
+        params["data"]["url"] = str(ARCHIVE)  # the mirror serves files by the official name only
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    run(["dvc", "repro"], project, pipeline_env(**{MIRROR_ENV: str(ARCHIVE.parent)}))
+
+    report = json.loads((project / "data/split/report.json").read_text())
+    assert report["classes"] == ["ants", "bees"]
+    assert sum(report["counts"]["test"].values()) == 153
+    assert any(row["path"].endswith("train/ants/imageNotFound.gif") for row in report["skipped"])
+    evaluation = json.loads((project / "metrics/eval.json").read_text())
+    accuracy = {mode: evaluation[mode]["accuracy"] for mode in ("finetune", "extract", "scratch")}
+    print("test accuracy:", accuracy)
+    assert accuracy["finetune"] >= 0.90 and accuracy["extract"] >= 0.90
+    assert accuracy["finetune"] - accuracy["scratch"] >= 0.15
+    assert accuracy["extract"] - accuracy["scratch"] >= 0.15
+    assert evaluation["finetune_vs_scratch"]["significant"]
