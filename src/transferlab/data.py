@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import random
 import warnings
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from transferlab.files import atomic_path, atomic_writer
 from transferlab.models import Preprocess
 
 SPLITS = ("train", "val", "test")
@@ -32,7 +34,6 @@ def read_split(path: str | Path) -> list[Sample]:
 
 
 def write_split(path: str | Path, samples: list[Sample]) -> None:
-    from transferlab.files import atomic_writer
     with atomic_writer(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label"])
@@ -89,11 +90,46 @@ def build_transform(pre: Preprocess, train: bool) -> T.Compose:
     return T.Compose(steps + [T.ToTensor(), T.Normalize(pre.mean, pre.std)])
 
 
+def decode_all(samples: list[Sample], min_side: int, cache_dir: str | Path | None = None) -> list[np.ndarray]:
+    """Every sample decoded and shrunk, as uint8 HxWx3 arrays.
+
+    With `cache_dir`, the result is stored there under a key made of the images' bytes and
+    `min_side`, so the three training stages and evaluate decode each image once between them.
+    """
+    if cache_dir is None:
+        return [np.asarray(load_image(s.path, min_side)) for s in samples]
+    key = hashlib.sha256(f"v{_CACHE_VERSION}-{min_side}-{samples_digest(samples)}".encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"decoded-{min_side}px-{key}.npz"
+    if path.exists():
+        with np.load(path) as stored:
+            pixels, shapes = stored["pixels"], stored["shapes"]
+        ends = np.cumsum([h * w * 3 for h, w in shapes])
+        return [chunk.reshape(h, w, 3) for chunk, (h, w) in zip(np.split(pixels, ends[:-1]), shapes)]
+    images = decode_all(samples, min_side)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, pixels=np.concatenate([a.reshape(-1) for a in images]),
+                 shapes=np.array([a.shape[:2] for a in images]))
+    return images
+
+
+_CACHE_VERSION = 1  # bump when load_image changes what it returns
+
+
+def samples_digest(samples: list[Sample]) -> str:
+    """A hash of the samples' paths, labels and image bytes: a cache key for anything derived from them."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        image = hashlib.sha256(Path(sample.path).read_bytes()).digest()
+        digest.update(f"{sample.path}\0{sample.label}\0".encode() + image)
+    return digest.hexdigest()
+
+
 class ImageDataset(Dataset):
-    """Samples with integer labels; with `decode_once`, every image is decoded and shrunk up front."""
+    """Samples with integer labels; with `decode_once`, every image is decoded and shrunk up front
+    (through the cache in `cache_dir`, if given), so epochs never touch the original files."""
 
     def __init__(self, samples: list[Sample], classes: list[str], transform, min_side: int | None = None,
-                 decode_once: bool = True):
+                 decode_once: bool = True, cache_dir: str | Path | None = None):
         index = {name: i for i, name in enumerate(classes)}
         unknown = sorted({s.label for s in samples} - set(index))
         if unknown:
@@ -102,13 +138,16 @@ class ImageDataset(Dataset):
         self.targets = [index[s.label] for s in samples]
         self.transform = transform
         self.min_side = min_side
-        self.images = [load_image(s.path, min_side) for s in samples] if decode_once else None
+        self.images = decode_all(samples, min_side, cache_dir) if decode_once else None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = self.images[i] if self.images is not None else load_image(self.samples[i].path, self.min_side)
+        if self.images is not None:
+            image = Image.fromarray(self.images[i])
+        else:
+            image = load_image(self.samples[i].path, self.min_side)
         return self.transform(image), self.targets[i]
 
 

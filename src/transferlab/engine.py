@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import resource
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -46,7 +47,9 @@ class Hardware:
 
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=self.pin_memory)
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+        if self.channels_last and images.dim() == 4:  # cached embeddings may be flat
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
 
     def describe(self) -> dict:
         precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
@@ -80,6 +83,11 @@ def pick_hardware(device: str = "auto", precision: str = "auto", channels_last: 
         workers = min(4, os.cpu_count() or 1)
     return Hardware(torch.device(device), amp_dtype, bool(channels_last), int(workers),
                     pin_memory=device == "cuda")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -214,7 +222,8 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optim
         val = predict(model, val_loader, hw, desc=f"epoch {epoch}/{epochs} val").stats
         record = {"epoch": epoch, "train_loss": train.loss, "train_acc": train.accuracy,
                   "val_loss": val.loss, "val_acc": val.accuracy, "train_seconds": train.seconds,
-                  "train_images_per_s": train.images_per_second, "val_seconds": val.seconds}
+                  "train_images_per_s": train.images_per_second, "val_seconds": val.seconds,
+                  "peak_rss_mb": peak_rss_mb()}
         history.append(record)
         print(f"epoch {epoch}/{epochs}: train loss {train.loss:.4f} acc {train.accuracy:.4f} | "
               f"val loss {val.loss:.4f} acc {val.accuracy:.4f} | {train.images_per_second:.1f} img/s",

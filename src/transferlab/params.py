@@ -65,9 +65,11 @@ class TrainParams:
     channels_last: Union[bool, Literal["auto"]]
     workers: Union[int, Literal["auto"]]
     deterministic: bool
+    cache_features: bool
+    feature_views: int
 
     def check(self, key: str) -> None:
-        for name in ("epochs", "batch_size", "step_size", "lr"):
+        for name in ("epochs", "batch_size", "step_size", "lr", "feature_views"):
             value = getattr(self, name)
             _require(value > 0, f"{key}.{name}", f"is {value}; it must be greater than 0")
         for name in ("momentum", "weight_decay", "aux_loss_weight"):
