@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from transferlab.data import load_image  # noqa: E402
 
@@ -32,6 +33,7 @@ def plot_curves(curves: dict[str, dict[str, tuple]], metric: str, ylabel: str, p
             style = "-" if label.startswith("val") else "--"
             ax.plot(epochs, values, style, marker="o", ms=3, color=MODE_COLORS.get(mode), label=f"{mode} {label}")
     ax.set(xlabel="epoch", ylabel=ylabel, title=metric)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     _save(fig, path)

@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 import torchvision
 from dvclive import Live
+from scmrepo.exceptions import SCMError
 from torch import nn
 
 import transferlab
 from transferlab.data import ImageDataset, build_transform, make_loader, read_split
 from transferlab.engine import (Hardware, fit, make_optimizer, make_scheduler, peak_rss_mb, pick_hardware,
                                 seed_everything)
+from transferlab.errors import UserError
 from transferlab.features import feature_loaders
 from transferlab.files import read_json, save_checkpoint, write_json
 from transferlab.models import MODES, BuiltModel, build_for_mode, describe, trainable_parameters
@@ -42,7 +44,7 @@ def main() -> None:
     optimizer = make_optimizer(trainable_parameters(model), train.optimizer, train.lr,
                                train.momentum, train.weight_decay)
     scheduler = make_scheduler(optimizer, train.scheduler, train.epochs, train.step_size, train.gamma)
-    with Live(f"logs/{mode}", dvcyaml=False, save_dvc_exp=False) as live:
+    with open_live(f"logs/{mode}") as live:
         result = fit(model, train_loader, val_loader, optimizer, scheduler, train.epochs, hw,
                      train.aux_loss_weight, on_epoch=lambda record: log_epoch(live, record))
     model.load_state_dict(result.best_state)  # `model` may be the head alone: it lives in built.model
@@ -80,6 +82,15 @@ def make_loaders(built: BuiltModel, classes: list[str], train: TrainParams, hw: 
 def backbone_trains(built: BuiltModel) -> bool:
     heads = tuple(f"{name}." for name in built.head_names)
     return any(p.requires_grad for n, p in built.model.named_parameters() if not n.startswith(heads))
+
+
+def open_live(directory: str) -> Live:
+    """dvclive writing per-epoch TSVs for `dvc plots`; dvc.yaml declares them, so no dvc.yaml of its own."""
+    try:
+        return Live(directory, dvcyaml=False, save_dvc_exp=False)
+    except SCMError as err:  # dvclive reads git's HEAD, which a repo without commits lacks
+        raise UserError(f"git: {err}; dvclive logs against a commit: run `git add -A && git commit -m "
+                        f"start` once, then run the pipeline again") from None
 
 
 def log_epoch(live: Live, record: dict) -> None:
