@@ -29,7 +29,7 @@ def loaders_data(tmp_path_factory):
     return samples("train", 12), samples("val", 6)
 
 
-def run_fit(loaders_data, epochs=4, precision="fp32", workers=0, scheduler="none", seed=0):
+def run_fit(loaders_data, epochs=4, precision="fp32", workers=0, scheduler="none", seed=0, resume_path=None):
     seed_everything(seed)
     hw = pick_hardware("cpu", precision, "auto", workers)
     train, val = loaders_data
@@ -38,7 +38,7 @@ def run_fit(loaders_data, epochs=4, precision="fp32", workers=0, scheduler="none
     model = tiny_net()
     optimizer = make_optimizer(list(model.parameters()), "sgd", 0.05, 0.9, 0.0)
     sched = make_scheduler(optimizer, scheduler, epochs, step_size=1, gamma=0.5)
-    result = fit(model, train_loader, val_loader, optimizer, sched, epochs, hw)
+    result = fit(model, train_loader, val_loader, optimizer, sched, epochs, hw, resume_path=resume_path)
     return result, model, val_loader, hw, optimizer
 
 
@@ -91,3 +91,32 @@ def test_hardware_choices():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA GPU"):
             pick_hardware("cuda")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_run_ends_where_an_uninterrupted_one_does(loaders_data, tmp_path, workers):
+    uninterrupted, *_ = run_fit(loaders_data, epochs=4, workers=workers, scheduler="step")
+    resume = tmp_path / "resume.pt"
+    run_fit(loaders_data, epochs=2, workers=workers, scheduler="step", resume_path=resume)  # "killed" after 2
+    # A new process would start from scratch: other seeds, fresh model; the file must restore it all.
+    torch.manual_seed(123)
+    resumed, model, *_ = run_fit(loaders_data, epochs=4, workers=workers, scheduler="step", seed=0,
+                                 resume_path=resume)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
+    keys = ("train_loss", "train_acc", "val_loss", "val_acc")
+    assert [[r[k] for k in keys] for r in resumed.history] == [[r[k] for k in keys] for r in uninterrupted.history]
+    assert resumed.best_epoch == uninterrupted.best_epoch
+    assert all(torch.equal(resumed.best_state[k], uninterrupted.best_state[k]) for k in uninterrupted.best_state)
+
+
+def test_resume_file_with_code_in_it_is_refused(tmp_path, loaders_data):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    resume = tmp_path / "resume.pt"
+    resume.write_bytes(pickle.dumps({"states": Payload()}))
+    with pytest.raises(UserError, match="refused to load"):
+        run_fit(loaders_data, epochs=1, resume_path=resume)

@@ -93,3 +93,28 @@ def test_class_folder_without_usable_images_is_reported(tmp_path):
     (raw / "train" / "wasps" / "broken.jpg").write_text("nope")
     _, report = make_splits(raw, 0.2, 0.2, seed=0)
     assert report["empty_classes"] == ["wasps"] and report["classes"] == ["ants", "bees"]
+
+
+def test_odd_but_usable_images_are_used(tmp_path):
+    raw = make_dataset(tmp_path / "raw")
+    ants, bees = raw / "train" / "ants", raw / "train" / "bees"
+    Image.new("RGBA", (40, 30), (200, 60, 40, 128)).save(ants / "alpha.png")
+    Image.new("L", (40, 30), 90).save(ants / "gray.jpg")
+    Image.new("CMYK", (40, 30), (0, 200, 200, 0)).save(ants / "cmyk.jpg")
+    Image.new("RGB", (40, 30), (200, 60, 40)).convert("P").save(bees / "palette.png")
+    Image.new("I;16", (40, 30), 40000).save(bees / "deep.png")
+    make_image(bees / "sub" / "deeper" / "nested.jpg", (40, 80, 200), seed=3)
+    make_image(bees / "abeille_été_蜂.jpg", (40, 80, 200), seed=4)
+    splits, report = make_splits(raw, 0.2, 0.2, seed=0)
+    used = {s.path.rsplit("/", 1)[-1] for rows in splits.values() for s in rows}
+    assert {"alpha.png", "gray.jpg", "cmyk.jpg", "palette.png", "deep.png", "nested.jpg", "abeille_été_蜂.jpg"} <= used
+    assert report["skipped"] == []
+
+
+def test_decompression_bomb_is_skipped_not_decoded(tmp_path, monkeypatch):
+    raw = make_dataset(tmp_path / "raw")
+    make_image(raw / "train" / "ants" / "huge.jpg", (200, 60, 40), seed=9, size=(400, 300))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)  # the guard's limit, lowered to fit a test
+    _, report = make_splits(raw, 0.2, 0.2, seed=0)
+    assert "decompression-bomb guard" in reasons(report)["huge.jpg"]
+    assert "120000 pixels" in reasons(report)["huge.jpg"]

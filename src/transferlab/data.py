@@ -153,9 +153,13 @@ class ImageDataset(Dataset):
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, workers: int = 0,
                 pin_memory: bool = False) -> DataLoader:
-    """A DataLoader whose shuffling and worker augmentations are fixed by `seed`."""
+    """A DataLoader whose shuffling and worker augmentations are fixed by `seed`.
+
+    Workers are not persistent: each epoch's are seeded afresh from the loader's generator, so a
+    run resumed after epoch k augments epoch k+1 exactly as an uninterrupted run does.
+    """
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      pin_memory=pin_memory, persistent_workers=workers > 0,
+                      pin_memory=pin_memory,
                       worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed))
 
 

@@ -10,7 +10,8 @@ import os
 import random
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -72,17 +73,23 @@ def pick_hardware(device: str = "auto", precision: str = "auto", channels_last: 
     if device == "mps" and not torch.backends.mps.is_available():
         raise UserError("train.device is mps but this torch has no MPS backend; set device: auto or cpu")
     if precision == "auto":
-        precision = {"cuda": "fp16", "cpu": "bf16" if cpu_has_fast_bf16() else "fp32"}.get(device, "fp32")
-        if device == "cuda" and torch.cuda.is_bf16_supported():
-            precision = "bf16"
+        precision = _auto_precision(device)
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if channels_last == "auto":
-        # Measured: a win with bf16/fp16 kernels (oneDNN, cuDNN); a loss for fp32 on CPU.
+        # Pays off with reduced-precision kernels (oneDNN, cuDNN): see benchmarks/hardware.py.
         channels_last = amp_dtype is not None
     if workers == "auto":
         workers = min(4, os.cpu_count() or 1)
     return Hardware(torch.device(device), amp_dtype, bool(channels_last), int(workers),
                     pin_memory=device == "cuda")
+
+
+def _auto_precision(device: str) -> str:
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device == "cpu" and cpu_has_fast_bf16():
+        return "bf16"
+    return "fp32"
 
 
 def peak_rss_mb() -> float:
@@ -200,21 +207,38 @@ def predict(model: nn.Module, loader, hw: Hardware, desc: str = "eval") -> Predi
 
 @dataclass
 class FitResult:
-    best_state: dict
-    best_epoch: int          # 1-based
-    best_val: EpochStats
+    best_state: dict = field(default_factory=dict)
+    best_epoch: int = 0                 # 1-based; 0 before the first epoch
+    best_val: EpochStats | None = None
     history: list[dict] = field(default_factory=list)
+
+    def consider(self, epoch: int, val: EpochStats, model: nn.Module) -> None:
+        """Keep `model`'s weights if this epoch has the best val accuracy so far (then lowest loss)."""
+        if self.best_val is None or (val.accuracy, -val.loss) > (self.best_val.accuracy, -self.best_val.loss):
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self.best_epoch, self.best_val = epoch, val
 
 
 def fit(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optimizer, scheduler,
         epochs: int, hw: Hardware, aux_loss_weight: float = 0.4,
-        on_epoch: Callable[[dict], None] | None = None) -> FitResult:
-    """Train for `epochs`, keeping the weights of the epoch with the best val accuracy (then loss)."""
+        on_epoch: Callable[[dict], None] = lambda record: None, resume_path: str | Path | None = None) -> FitResult:
+    """Train for `epochs`, keeping the weights of the epoch with the best val accuracy (then loss).
+
+    With `resume_path`, everything needed to continue (weights, optimizer, scheduler, RNGs) is
+    saved there after each epoch, and a run that finds the file continues after its last epoch,
+    ending where an uninterrupted run would have.
+    """
     hw.prepare(model)
     scaler = hw.grad_scaler()
-    best: FitResult | None = None
-    history = []
-    for epoch in range(1, epochs + 1):
+    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    generators = loader_generators(train_loader) + loader_generators(val_loader)
+    result = FitResult()
+    if resume_path is not None and Path(resume_path).exists():
+        result = load_resume(resume_path, stateful, generators)
+        print(f"resuming after epoch {result.history[-1]['epoch']} from {resume_path}", flush=True)
+        for record in result.history:
+            on_epoch(record)
+    for epoch in range(len(result.history) + 1, epochs + 1):
         train = train_one_epoch(model, train_loader, optimizer, hw, scaler, aux_loss_weight,
                                 desc=f"epoch {epoch}/{epochs} train")
         if scheduler is not None:
@@ -224,14 +248,48 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optim
                   "val_loss": val.loss, "val_acc": val.accuracy, "train_seconds": train.seconds,
                   "train_images_per_s": train.images_per_second, "val_seconds": val.seconds,
                   "peak_rss_mb": peak_rss_mb()}
-        history.append(record)
+        result.history.append(record)
         print(f"epoch {epoch}/{epochs}: train loss {train.loss:.4f} acc {train.accuracy:.4f} | "
               f"val loss {val.loss:.4f} acc {val.accuracy:.4f} | {train.images_per_second:.1f} img/s",
               flush=True)
-        if best is None or (val.accuracy, -val.loss) > (best.best_val.accuracy, -best.best_val.loss):
-            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            best = FitResult(state, epoch, val)
-        if on_epoch is not None:
-            on_epoch(record)
-    best.history = history
-    return best
+        result.consider(epoch, val, model)
+        if resume_path is not None:
+            save_resume(resume_path, result, stateful, generators)
+        on_epoch(record)
+    return result
+
+
+def loader_generators(loader) -> list[torch.Generator]:
+    """The generators a DataLoader draws its shuffling and worker seeds from."""
+    found = [getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None)]
+    unique = {id(g): g for g in found if g is not None}
+    return list(unique.values())
+
+
+def save_resume(path: str | Path, result: FitResult, stateful: dict, generators: list[torch.Generator]) -> None:
+    """The state after an epoch: tensors and plain values only, so it loads with weights_only=True."""
+    from transferlab.files import save_checkpoint
+    np_state = np.random.get_state()
+    save_checkpoint(path, {
+        "states": {name: obj.state_dict() for name, obj in stateful.items() if obj is not None},
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+                "generators": [g.get_state() for g in generators]},
+        "best_state": result.best_state, "best_epoch": result.best_epoch,
+        "best_val": asdict(result.best_val), "history": result.history})
+
+
+def load_resume(path: str | Path, stateful: dict, generators: list[torch.Generator]) -> FitResult:
+    from transferlab.files import load_checkpoint
+    saved = load_checkpoint(path)
+    for name, obj in stateful.items():
+        if obj is not None:
+            obj.load_state_dict(saved["states"][name])
+    rng = saved["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    kind, keys, *rest = rng["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    for generator, state in zip(generators, rng["generators"]):
+        generator.set_state(state)
+    return FitResult(saved["best_state"], saved["best_epoch"], EpochStats(**saved["best_val"]), saved["history"])

@@ -79,7 +79,7 @@ def feature_loaders(built: BuiltModel, train: list[Sample], val: list[Sample], c
     if path.exists():
         cached = torch.load(path, weights_only=True)
     else:
-        cached = _embed_all(built, head_only, train, val, classes, views, hw, seed)
+        cached = _embed_all(built, head_only, train, val, classes, views, hw, seed, cache_dir)
         if cached is None:
             return None
         with atomic_path(path) as tmp:
@@ -91,13 +91,14 @@ def feature_loaders(built: BuiltModel, train: list[Sample], val: list[Sample], c
     return head_only, train_loader, val_loader
 
 
-def _embed_all(built: BuiltModel, head_only: HeadOnly, train, val, classes, views, hw, seed) -> dict | None:
+def _embed_all(built: BuiltModel, head_only: HeadOnly, train, val, classes, views, hw, seed,
+               cache_dir) -> dict | None:
     pre, head = built.preprocess, head_only.head
-    val_set = ImageDataset(val, classes, build_transform(pre, False), pre.resize_size)
+    val_set = ImageDataset(val, classes, build_transform(pre, False), pre.resize_size, cache_dir=cache_dir)
     val_embedded = embed(built.model, head, make_loader(val_set, 64, False, seed, hw.workers), hw, check=head_only)
     if val_embedded is None:
         return None
-    train_set = ImageDataset(train, classes, build_transform(pre, True), pre.resize_size)
+    train_set = ImageDataset(train, classes, build_transform(pre, True), pre.resize_size, cache_dir=cache_dir)
     loader = make_loader(train_set, 64, False, seed, hw.workers)  # one pass = one random view of each
     passes = [embed(built.model, head, loader, hw) for _ in range(views)]
     return {"train": torch.stack([p[0] for p in passes]), "train_targets": passes[0][1],

@@ -67,6 +67,7 @@ class TrainParams:
     deterministic: bool
     cache_features: bool
     feature_views: int
+    resume: bool
 
     def check(self, key: str) -> None:
         for name in ("epochs", "batch_size", "step_size", "lr", "feature_views"):

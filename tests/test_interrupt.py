@@ -1,0 +1,50 @@
+"""SIGTERM in the middle of training: good outputs stay, and the resumed run ends the same."""
+import io
+import json
+import signal
+import subprocess
+import sys
+
+import torch
+import yaml
+from conftest import copy_project, make_dataset, pipeline_env, run
+
+TRAIN = [sys.executable, "-m", "transferlab.stages.train", "scratch"]
+
+
+def test_sigterm_keeps_good_outputs_and_resume_matches_an_uninterrupted_run(tmp_path):
+    project = copy_project(tmp_path / "project")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["model"] = "resnet"  # scratch mode: random init, no weights file needed
+    params["data"]["url"] = str(make_dataset(tmp_path / "tiny", train_per_class=8, val_per_class=4))
+    params["train"].update(epochs=4, batch_size=4, workers=1)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = pipeline_env()
+    for stage in ("fetch", "split"):
+        run([sys.executable, "-m", f"transferlab.stages.{stage}"], project, env)
+
+    run(TRAIN, project, env)
+    outputs = [project / "models/scratch.pt", project / "metrics/train/scratch.json"]
+    good = [path.read_bytes() for path in outputs]
+    uninterrupted = json.loads(good[1])
+    assert not list((project / "data/cache").glob("resume-*")), "a finished run leaves no resume file"
+
+    process = subprocess.Popen(TRAIN, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("epoch 2/4"):
+            process.send_signal(signal.SIGTERM)
+            break
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "interrupted; outputs already written are unchanged" in stderr
+    assert [path.read_bytes() for path in outputs] == good
+    assert len(list((project / "data/cache").glob("resume-scratch-*.pt"))) == 1
+
+    resumed_run = run(TRAIN, project, env)
+    assert "resuming after epoch" in resumed_run.stdout
+    resumed = json.loads(outputs[1].read_text())
+    for key in ("best_epoch", "best_val_accuracy", "best_val_loss", "epochs"):
+        assert resumed[key] == uninterrupted[key], key
+    before = torch.load(io.BytesIO(good[0]), weights_only=True)["state_dict"]
+    after = torch.load(outputs[0], weights_only=True)["state_dict"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert (project / "logs/scratch/plots/metrics/val/acc.tsv").read_text().count("\n") == 5  # header + 4 epochs
