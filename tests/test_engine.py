@@ -84,10 +84,12 @@ def test_frozen_batchnorm_keeps_its_statistics():
 
 
 def test_hardware_choices():
-    hw = pick_hardware("cpu", "fp32", "auto", 0)
+    hw = pick_hardware("cpu", "fp32", False, 0)
     assert hw.describe() == {"device": "cpu", "precision": "fp32", "channels_last": False, "workers": 0,
                              "pin_memory": False}
-    assert pick_hardware("cpu", "bf16", "auto", 1).channels_last
+    auto = pick_hardware("cpu")
+    assert auto.channels_last and auto.workers == 0
+    assert auto.amp_dtype == (torch.bfloat16 if cpu_has_fast_bf16() else None)
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA GPU"):
             pick_hardware("cuda")

@@ -38,7 +38,8 @@ def test_head_trained_on_cached_embeddings_drives_the_full_model(samples, tmp_pa
     built = build_model("resnet", 2, pretrained=False, train_backbone=False)
     train, val = samples
     head_only, train_loader, val_loader = feature_loaders(built, train, val, CLASSES, 4, 3, hw, 0, tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == [next(tmp_path.iterdir()).name]
+    [features_file] = tmp_path.glob("features-resnet18-*.pt")
+    assert len(list(tmp_path.glob("decoded-*.npz"))) == 2  # train and val, decoded once
     assert len(train_loader.dataset) == 3 * len(train) and len(list(train_loader)) == 3  # one view per image
     assert trainable_parameters(head_only) == trainable_parameters(built.model)
     optimizer = make_optimizer(trainable_parameters(head_only), "sgd", 0.01, 0.9, 0.0)
@@ -49,7 +50,7 @@ def test_head_trained_on_cached_embeddings_drives_the_full_model(samples, tmp_pa
     assert full.accuracy == result.best_val.accuracy
     assert full.loss == pytest.approx(result.best_val.loss, rel=1e-4)
     # A second call reads the cache instead of running the backbone again.
-    mtime = next(tmp_path.iterdir()).stat().st_mtime_ns
+    mtime = features_file.stat().st_mtime_ns
     again = feature_loaders(built, train, val, CLASSES, 4, 3, hw, 0, tmp_path)
     assert torch.equal(again[2].dataset.tensors[0], val_loader.dataset.tensors[0])
-    assert next(tmp_path.iterdir()).stat().st_mtime_ns == mtime and len(list(tmp_path.iterdir())) == 1
+    assert features_file.stat().st_mtime_ns == mtime and len(list(tmp_path.glob("features-*"))) == 1

@@ -125,11 +125,11 @@ def samples_digest(samples: list[Sample]) -> str:
 
 
 class ImageDataset(Dataset):
-    """Samples with integer labels; with `decode_once`, every image is decoded and shrunk up front
-    (through the cache in `cache_dir`, if given), so epochs never touch the original files."""
+    """Samples with integer labels. Every image is decoded and shrunk up front (through the cache
+    in `cache_dir`, if given), so epochs never touch the original files."""
 
     def __init__(self, samples: list[Sample], classes: list[str], transform, min_side: int | None = None,
-                 decode_once: bool = True, cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None):
         index = {name: i for i, name in enumerate(classes)}
         unknown = sorted({s.label for s in samples} - set(index))
         if unknown:
@@ -137,18 +137,13 @@ class ImageDataset(Dataset):
         self.samples = samples
         self.targets = [index[s.label] for s in samples]
         self.transform = transform
-        self.min_side = min_side
-        self.images = decode_all(samples, min_side, cache_dir) if decode_once else None
+        self.images = decode_all(samples, min_side, cache_dir)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        if self.images is not None:
-            image = Image.fromarray(self.images[i])
-        else:
-            image = load_image(self.samples[i].path, self.min_side)
-        return self.transform(image), self.targets[i]
+        return self.transform(Image.fromarray(self.images[i])), self.targets[i]
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, workers: int = 0,

@@ -16,6 +16,7 @@ from transferlab.params import load_params
 from transferlab.stages import run_stage
 
 TEST_CSV = Path("data/split/test.csv")
+CACHE_DIR = Path("data/cache")
 PREDICTIONS_DIR = Path("metrics/predictions")
 
 
@@ -45,7 +46,7 @@ def predict_test(checkpoint: dict, batch_size: int, hw: Hardware) -> tuple[Predi
     hw.prepare(model)
     pre = Preprocess(**checkpoint["preprocess"])
     dataset = ImageDataset(read_split(TEST_CSV), checkpoint["classes"], build_transform(pre, train=False),
-                           min_side=pre.resize_size, decode_once=False)
+                           min_side=pre.resize_size, cache_dir=CACHE_DIR)  # decoded once for all modes
     loader = make_loader(dataset, batch_size, False, 0, hw.workers, hw.pin_memory)
     return predict(model, loader, hw, desc=f"test {checkpoint['mode']}"), dataset
 
