@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
+import os
 import random
 import warnings
 from dataclasses import dataclass
@@ -119,9 +121,16 @@ def samples_digest(samples: list[Sample]) -> str:
     """A hash of the samples' paths, labels and image bytes: a cache key for anything derived from them."""
     digest = hashlib.sha256()
     for sample in samples:
-        image = hashlib.sha256(Path(sample.path).read_bytes()).digest()
+        stat = os.stat(sample.path)
+        image = _file_sha256(sample.path, stat.st_mtime_ns, stat.st_size)
         digest.update(f"{sample.path}\0{sample.label}\0".encode() + image)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> bytes:
+    # Several caches key on the same images in one process: read and hash each file once.
+    return hashlib.sha256(Path(path).read_bytes()).digest()
 
 
 class ImageDataset(Dataset):
