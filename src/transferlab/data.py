@@ -121,10 +121,14 @@ def samples_digest(samples: list[Sample]) -> str:
     """A hash of the samples' paths, labels and image bytes: a cache key for anything derived from them."""
     digest = hashlib.sha256()
     for sample in samples:
-        stat = os.stat(sample.path)
-        image = _file_sha256(sample.path, stat.st_mtime_ns, stat.st_size)
-        digest.update(f"{sample.path}\0{sample.label}\0".encode() + image)
+        digest.update(f"{sample.path}\0{sample.label}\0".encode() + file_digest(sample.path))
     return digest.hexdigest()
+
+
+def file_digest(path: str | Path) -> bytes:
+    """sha256 of a file's bytes, computed once per process while the file is unchanged."""
+    stat = os.stat(path)
+    return _file_sha256(str(path), stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=None)

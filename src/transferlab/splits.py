@@ -1,14 +1,13 @@
 """A fetched folder -> stratified, seeded train/val/test lists, with every skipped file explained."""
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
-from transferlab.data import Sample, is_image_file, load_image
+from transferlab.data import Sample, file_digest, is_image_file, load_image
 from transferlab.errors import UserError
 
 # Decoding at a small scale still reads every byte of the file, so truncation is caught, cheaply.
@@ -60,12 +59,12 @@ def drop_duplicates(groups: list[list[Sample]]) -> tuple[list[list[Sample]], lis
 
     Putting the test group first guarantees that no copy of a test image is trained on.
     """
-    first_seen: dict[str, str] = {}
+    first_seen: dict[bytes, str] = {}
     kept_groups, skipped = [], []
     for group in groups:
         kept = []
         for sample in group:
-            digest = hashlib.sha256(Path(sample.path).read_bytes()).hexdigest()
+            digest = file_digest(sample.path)
             if digest in first_seen:
                 skipped.append({"path": sample.path, "reason": f"exact duplicate of {first_seen[digest]}"})
             else:
