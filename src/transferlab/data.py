@@ -20,8 +20,6 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from transferlab.files import atomic_path, atomic_writer
 from transferlab.models import Preprocess
 
-SPLITS = ("train", "val", "test")
-
 
 @dataclass(frozen=True)
 class Sample:

@@ -21,6 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
 from transferlab.errors import UserError
+from transferlab.files import load_checkpoint, save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -270,7 +271,6 @@ def loader_generators(loader) -> list[torch.Generator]:
 
 def save_resume(path: str | Path, result: FitResult, stateful: dict, generators: list[torch.Generator]) -> None:
     """The state after an epoch: tensors and plain values only, so it loads with weights_only=True."""
-    from transferlab.files import save_checkpoint
     np_state = np.random.get_state()
     save_checkpoint(path, {
         "states": {name: obj.state_dict() for name, obj in stateful.items() if obj is not None},
@@ -282,7 +282,6 @@ def save_resume(path: str | Path, result: FitResult, stateful: dict, generators:
 
 
 def load_resume(path: str | Path, stateful: dict, generators: list[torch.Generator]) -> FitResult:
-    from transferlab.files import load_checkpoint
     saved = load_checkpoint(path)
     for name, obj in stateful.items():
         if obj is not None:

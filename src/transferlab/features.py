@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from transferlab.data import ImageDataset, Sample, build_transform, make_loader, samples_digest
 from transferlab.engine import Hardware
-from transferlab.files import atomic_path
+from transferlab.files import load_checkpoint, save_checkpoint
 from transferlab.models import BuiltModel
 
 
@@ -77,13 +77,12 @@ def feature_loaders(built: BuiltModel, train: list[Sample], val: list[Sample], c
     key = _cache_key(built, train, val, views, seed, hw)
     path = Path(cache_dir) / f"features-{built.arch}-{key}.pt"
     if path.exists():
-        cached = torch.load(path, weights_only=True)
+        cached = load_checkpoint(path)
     else:
         cached = _embed_all(built, head_only, train, val, classes, views, hw, seed, cache_dir)
         if cached is None:
             return None
-        with atomic_path(path) as tmp:
-            torch.save(cached, tmp)
+        save_checkpoint(path, cached)
     train_set = TensorDataset(cached["train"].flatten(0, 1), cached["train_targets"].repeat(views))
     sampler = RandomSampler(train_set, num_samples=len(train), generator=torch.Generator().manual_seed(seed))
     train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler)

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import signal
 import sys
+from pathlib import Path
 from typing import Callable, NoReturn
 
 from transferlab.errors import UserError
+
+# Decoded images, embeddings and resume states, each keyed by what it was made from: safe to delete.
+CACHE_DIR = Path("data/cache")
 
 
 def _interrupt(signum, frame) -> NoReturn:

@@ -13,10 +13,9 @@ from transferlab.files import atomic_writer, load_checkpoint, write_json
 from transferlab.metrics import classification_metrics, compare
 from transferlab.models import MODES, Preprocess, rebuild_model
 from transferlab.params import load_params
-from transferlab.stages import run_stage
+from transferlab.stages import CACHE_DIR, run_stage
 
 TEST_CSV = Path("data/split/test.csv")
-CACHE_DIR = Path("data/cache")
 PREDICTIONS_DIR = Path("metrics/predictions")
 
 

@@ -19,11 +19,10 @@ from transferlab.errors import UserError
 from transferlab.files import read_json, save_checkpoint, write_json
 from transferlab.models import MODES, build_for_mode, describe, trainable_parameters
 from transferlab.params import load_params, to_dict
-from transferlab.stages import run_stage
+from transferlab.stages import CACHE_DIR, run_stage
 from transferlab.training import make_loaders, resume_file, summary
 
 SPLIT_DIR = Path("data/split")
-CACHE_DIR = Path("data/cache")  # decoded images, embeddings, resume states: keyed by content, safe to delete
 
 
 def main() -> None:
