@@ -53,12 +53,16 @@ def make_project(work: Path, archive: str, epochs: int) -> Path:
     return project
 
 
-def set_params(project: Path, model: str | None = None, **sections: dict) -> None:
+def set_params(project: Path, model: str | None = None, **sections) -> None:
+    """Set `model`, top-level values (seed=1) and keys of sections (train={"epochs": 2})."""
     params = yaml.safe_load((project / "params.yaml").read_text())
     if model:
         params["model"] = model
     for section, values in sections.items():
-        params[section].update(values)
+        if isinstance(values, dict):
+            params[section].update(values)
+        else:
+            params[section] = values
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 

@@ -8,7 +8,6 @@ transferlab, so only the recipe differs. Prints one JSON line: wall time, images
 import argparse
 import copy
 import json
-import os
 import resource
 import tempfile
 import time
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 from torchvision import datasets, transforms
 
-from transferlab.data import read_split
+from transferlab.images import read_split
 from transferlab.engine import seed_everything, split_outputs
 from transferlab.models import build_for_mode, trainable_parameters
 

@@ -5,10 +5,11 @@ import torch
 from conftest import CLASS_COLORS, make_image
 from torch import nn
 
-from transferlab.data import ImageDataset, Sample, build_transform, make_loader
+from transferlab.data import ImageDataset, build_transform, make_loader
 from transferlab.engine import (cpu_has_fast_bf16, fit, make_optimizer, make_scheduler, pick_hardware, predict,
                                 seed_everything, set_train_mode)
 from transferlab.errors import UserError
+from transferlab.images import Sample
 from transferlab.models import Preprocess
 
 PRE = Preprocess(crop_size=24, resize_size=28, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))

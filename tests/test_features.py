@@ -2,9 +2,10 @@ import pytest
 import torch
 from conftest import CLASS_COLORS, make_image
 
-from transferlab.data import ImageDataset, Sample, build_transform, make_loader
+from transferlab.data import ImageDataset, build_transform, make_loader
 from transferlab.engine import fit, make_optimizer, pick_hardware, predict, seed_everything
 from transferlab.features import feature_loaders, split_off_head
+from transferlab.images import Sample
 from transferlab.models import build_model, trainable_parameters
 
 CLASSES = list(CLASS_COLORS)

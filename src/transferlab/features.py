@@ -16,9 +16,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-from transferlab.data import ImageDataset, Sample, build_transform, make_loader, samples_digest
+from transferlab.data import ImageDataset, build_transform, make_loader, samples_digest
 from transferlab.engine import Hardware
 from transferlab.files import load_checkpoint, save_checkpoint
+from transferlab.images import Sample
 from transferlab.models import BuiltModel
 
 
@@ -79,7 +80,7 @@ def feature_loaders(built: BuiltModel, train: list[Sample], val: list[Sample], c
     if path.exists():
         cached = load_checkpoint(path)
     else:
-        cached = _embed_all(built, head_only, train, val, classes, views, hw, seed, cache_dir)
+        cached = _embed_all(built, head_only, train, val, classes, batch_size, views, hw, seed, cache_dir)
         if cached is None:
             return None
         save_checkpoint(path, cached)
@@ -90,15 +91,18 @@ def feature_loaders(built: BuiltModel, train: list[Sample], val: list[Sample], c
     return head_only, train_loader, val_loader
 
 
-def _embed_all(built: BuiltModel, head_only: HeadOnly, train, val, classes, views, hw, seed,
+def _embed_all(built: BuiltModel, head_only: HeadOnly, train, val, classes, batch_size, views, hw, seed,
                cache_dir) -> dict | None:
+    # The training batch size, not a larger one: on a CPU, batches of 64 ran squeezenet's forward
+    # at half the images/s of batches of 8 (activations outgrow the caches).
     pre, head = built.preprocess, head_only.head
     val_set = ImageDataset(val, classes, build_transform(pre, False), pre.resize_size, cache_dir=cache_dir)
-    val_embedded = embed(built.model, head, make_loader(val_set, 64, False, seed, hw.workers), hw, check=head_only)
+    val_loader = make_loader(val_set, batch_size, False, seed, hw.workers)
+    val_embedded = embed(built.model, head, val_loader, hw, check=head_only)
     if val_embedded is None:
         return None
     train_set = ImageDataset(train, classes, build_transform(pre, True), pre.resize_size, cache_dir=cache_dir)
-    loader = make_loader(train_set, 64, False, seed, hw.workers)  # one pass = one random view of each
+    loader = make_loader(train_set, batch_size, False, seed, hw.workers)  # one pass: a random view of each
     passes = [embed(built.model, head, loader, hw) for _ in range(views)]
     return {"train": torch.stack([p[0] for p in passes]), "train_targets": passes[0][1],
             "val": val_embedded[0], "val_targets": val_embedded[1]}

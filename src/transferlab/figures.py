@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from transferlab.data import load_image  # noqa: E402
+from transferlab.images import load_image  # noqa: E402
 
 MODE_COLORS = {"finetune": "tab:blue", "extract": "tab:orange", "scratch": "tab:gray"}
 

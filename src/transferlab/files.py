@@ -8,8 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 from transferlab.errors import UserError
 
 
@@ -46,13 +44,20 @@ def read_json(path: str | Path) -> Any:
         return json.load(f)
 
 
+# torch is imported inside the checkpoint functions so that stages writing only JSON and CSV
+# (fetch, split, plot) start without it.
+
 def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
 
 
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint without executing pickled code (weights_only=True)."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

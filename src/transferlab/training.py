@@ -7,9 +7,10 @@ from pathlib import Path
 
 from torch import nn
 
-from transferlab.data import ImageDataset, build_transform, make_loader, read_split, samples_digest
+from transferlab.data import ImageDataset, build_transform, make_loader, samples_digest
 from transferlab.engine import FitResult, Hardware, peak_rss_mb
 from transferlab.features import feature_loaders
+from transferlab.images import read_split
 from transferlab.models import BuiltModel, trainable_parameters
 from transferlab.params import TrainParams
 

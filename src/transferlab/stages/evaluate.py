@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from transferlab.data import ImageDataset, build_transform, make_loader, read_split
+from transferlab.data import ImageDataset, build_transform, make_loader
 from transferlab.engine import Hardware, Predictions, pick_hardware, predict, seed_everything
 from transferlab.files import atomic_writer, load_checkpoint, write_json
+from transferlab.images import read_split
 from transferlab.metrics import classification_metrics, compare
 from transferlab.models import MODES, Preprocess, rebuild_model
 from transferlab.params import load_params

@@ -4,8 +4,7 @@ from pathlib import Path
 from transferlab.figures import (plot_confusions, plot_curves, plot_prediction_grid, plot_test_accuracy,
                                  read_curve)
 from transferlab.files import read_json
-from transferlab.models import MODES
-from transferlab.params import load_params
+from transferlab.params import MODES, load_params
 from transferlab.stages import run_stage
 
 PLOTS = Path("plots")

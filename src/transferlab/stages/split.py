@@ -1,7 +1,7 @@
 """split: data/raw/ -> data/split/{train,val,test}.csv and data/split/report.json."""
 from pathlib import Path
 
-from transferlab.data import write_split
+from transferlab.images import write_split
 from transferlab.files import write_json
 from transferlab.params import load_params
 from transferlab.splits import make_splits
