@@ -114,13 +114,16 @@ def print_table(rows: list[dict]) -> None:
               f"{b['test_accuracy']:.3f} | {o['test_accuracy']:.3f} | {b['peak_rss_mb']:.0f} | {o['peak_rss_mb']:.0f} ({o['peak_rss_mb_after_epoch_1']:.0f}) |")
 
 
-def whole_pipeline(work: Path, archive: str, epochs: int, model: str, env: dict, name: str) -> tuple[float, int]:
-    """`dvc repro` of all seven stages from an empty DVC cache: (wall seconds, cache bytes)."""
+def whole_pipeline(work: Path, archive: str, epochs: int, model: str, env: dict, name: str) -> tuple[float, int, dict]:
+    """`dvc repro` of all seven stages from an empty DVC cache: (wall seconds, cache bytes, each
+    training stage's wall seconds)."""
     project = make_project(work / name, archive, epochs)
     set_params(project, model=model)
     wall, _ = timed([sys.executable, "-m", "dvc", "repro"], project, env)
     cache = sum(p.stat().st_size for p in (project / "data" / "cache").rglob("*") if p.is_file())
-    return wall, cache
+    training = {mode: json.loads((project / f"metrics/train/{mode}.json").read_text())["wall_seconds"]
+                for mode in MODES}
+    return wall, cache, training
 
 
 def scaled_dataset(archive: str, dest: Path, scale: int, seed: int = 0) -> Path:
@@ -169,17 +172,20 @@ def main() -> None:
 
     squeeze = [r for r in rows if r["model"] == "squeezenet"]
     if squeeze:
-        wall, _ = whole_pipeline(work, archive, args.epochs, "squeezenet", env, "pipeline")
+        wall, _, training = whole_pipeline(work, archive, args.epochs, "squeezenet", env, "pipeline")
         base = sum(r["base"]["wall_seconds"] for r in squeeze)
         print(f"\nwhole pipeline, squeezenet, all seven stages, empty DVC cache: {wall:.0f} s; "
               f"baseline's three training runs: {base:.0f} s; ratio {base / wall:.1f}x")
+        print("of which training stages (after imports): "
+              + ", ".join(f"{mode} {seconds:.0f} s" for mode, seconds in training.items())
+              + f"; everything else (start-up, fetch, split, evaluate, plot, DVC): {wall - sum(training.values()):.0f} s")
     if args.scale:
         scaled = scaled_dataset(archive, work / "scaled", args.scale)
         small = whole_pipeline(work, archive, args.scale_epochs, "squeezenet", env, "scale1")
         large = whole_pipeline(work, str(scaled), args.scale_epochs, "squeezenet", env, f"scale{args.scale}")
         print(f"\n## Growth, squeezenet, {args.scale_epochs} epochs: 1x vs {args.scale}x images\n")
         print("| data | wall s | cache MB |\n|---|---|---|")
-        for label, (wall, cache) in (("1x", small), (f"{args.scale}x", large)):
+        for label, (wall, cache, _) in (("1x", small), (f"{args.scale}x", large)):
             print(f"| {label} | {wall:.0f} | {cache / 1e6:.0f} |")
         print(f"\nwall time grew {large[0] / small[0]:.1f}x, cache {large[1] / max(small[1], 1):.1f}x "
               f"for {args.scale}x the images")

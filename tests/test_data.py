@@ -4,6 +4,7 @@ import torch
 from conftest import make_image
 
 from transferlab.data import ImageDataset, build_transform, decode_all
+from transferlab.errors import UserError
 from transferlab.images import Sample
 from transferlab.models import Preprocess
 
@@ -17,7 +18,7 @@ def test_dataset_yields_normalised_crops_and_label_indices(tmp_path):
         image, target = dataset[3]
         assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and target == 1
         assert min(dataset.images[0].shape[:2]) == PRE.resize_size
-    with pytest.raises(ValueError, match="not among the model's classes"):
+    with pytest.raises(UserError, match="not among the model's classes.*run dvc repro"):
         ImageDataset(samples, ["a"], build_transform(PRE, False))
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from transferlab.errors import UserError
 from transferlab.files import atomic_path
 from transferlab.images import Sample, file_digest, load_image
 from transferlab.models import Preprocess
@@ -68,7 +69,8 @@ class ImageDataset(Dataset):
         index = {name: i for i, name in enumerate(classes)}
         unknown = sorted({s.label for s in samples} - set(index))
         if unknown:
-            raise ValueError(f"labels {unknown} are not among the model's classes {classes}")
+            raise UserError(f"labels {unknown} of the images to read are not among the model's classes "
+                            f"{classes}: the split changed after the model was trained; run dvc repro")
         self.samples = samples
         self.targets = [index[s.label] for s in samples]
         self.transform = transform
