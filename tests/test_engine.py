@@ -1,3 +1,4 @@
+import platform
 import warnings
 
 import pytest
@@ -85,11 +86,12 @@ def test_frozen_batchnorm_keeps_its_statistics():
 
 
 def test_hardware_choices():
-    hw = pick_hardware("cpu", "fp32", False, 0)
+    hw = pick_hardware("cpu", "fp32", False, 0, False)
     assert hw.describe() == {"device": "cpu", "precision": "fp32", "channels_last": False, "workers": 0,
-                             "pin_memory": False}
+                             "pin_memory": False, "keep_freed_memory": False}
     auto = pick_hardware("cpu")
     assert auto.channels_last and auto.workers == 0
+    assert auto.keep_freed_memory == (platform.libc_ver()[0] == "glibc")
     assert auto.amp_dtype == (torch.bfloat16 if cpu_has_fast_bf16() else None)
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA GPU"):

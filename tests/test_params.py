@@ -50,6 +50,7 @@ def test_exponent_without_dot_is_a_float(raw):
     (lambda r: r["train"].update(momentum=-1), "train.momentum", "0 or more"),
     (lambda r: r["train"].update(optimizer="adam"), "train.optimizer", "sgd, adamw"),
     (lambda r: r["train"].update(channels_last="maybe"), "train.channels_last", "true or false"),
+    (lambda r: r["train"].update(keep_freed_memory="yes"), "train.keep_freed_memory", "true or false"),
     (lambda r: r["train"].update(workers=-1), "train.workers", "0 or more"),
     (lambda r: r["split"].update(val_fraction=1.5), "split.val_fraction", "between 0 and 1"),
     (lambda r: r["data"].update(sha256="abc"), "data.sha256", "64 hex digits"),

@@ -6,6 +6,7 @@ where the initial weights came from.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import random
 import resource
@@ -33,6 +34,7 @@ class Hardware:
     channels_last: bool
     workers: int
     pin_memory: bool
+    keep_freed_memory: bool = False  # glibc's malloc tuned by keep_freed_memory() in this process
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -56,7 +58,7 @@ class Hardware:
     def describe(self) -> dict:
         precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
         return {"device": self.device.type, "precision": precision, "channels_last": self.channels_last,
-                "workers": self.workers, "pin_memory": self.pin_memory}
+                "workers": self.workers, "pin_memory": self.pin_memory, "keep_freed_memory": self.keep_freed_memory}
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -65,8 +67,9 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def pick_hardware(device: str = "auto", precision: str = "auto", channels_last: bool | str = "auto",
-                  workers: int | str = "auto") -> Hardware:
-    """Resolve the `auto` settings for this machine; an explicit setting the machine lacks is an error."""
+                  workers: int | str = "auto", keep_memory: bool | str = "auto") -> Hardware:
+    """Resolve the `auto` settings for this machine and apply the one that is process-wide (the
+    memory allocator's); an explicit setting the machine lacks is an error."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -83,8 +86,32 @@ def pick_hardware(device: str = "auto", precision: str = "auto", channels_last: 
         # Images are decoded once, so only cheap augmentation is left for workers. On a CPU they
         # would compete with the compute threads (measured: 0 workers 57.6 img/s, 2 workers 50.1).
         workers = 0 if device == "cpu" else min(4, os.cpu_count() or 1)
+    if keep_memory == "auto":
+        keep_memory = device == "cpu" and keep_freed_memory()
+    elif keep_memory and not keep_freed_memory():
+        raise UserError("train.keep_freed_memory is true, but this C library is not glibc, whose malloc "
+                        "it tunes; set it to auto or false")
     return Hardware(torch.device(device), amp_dtype, bool(channels_last), int(workers),
-                    pin_memory=device == "cuda")
+                    pin_memory=device == "cuda", keep_freed_memory=bool(keep_memory))
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt() parameters, from glibc's malloc.h
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
+
+    Every training step frees its activations and allocates them again; by default glibc returns
+    such blocks to the OS, and touching them again costs a page fault per 4 KiB (measured on this
+    CPU: squeezenet trains 21% faster without that, at the same peak memory). Blocks up to 32 MiB
+    (glibc's ceiling) then come from the heap, and up to 1 GiB of free heap is kept. Returns
+    whether it applied: False where the C library is not glibc (macOS, Windows, musl).
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 def _auto_precision(device: str) -> str:

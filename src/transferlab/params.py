@@ -64,6 +64,7 @@ class TrainParams:
     precision: Literal["auto", "fp32", "bf16", "fp16"]
     channels_last: Union[bool, Literal["auto"]]
     workers: Union[int, Literal["auto"]]
+    keep_freed_memory: Union[bool, Literal["auto"]]
     deterministic: bool
     cache_features: bool
     feature_views: int

@@ -33,7 +33,7 @@ def main() -> None:
     params = load_params()
     train = params.for_mode(mode)
     seed_everything(params.seed, train.deterministic)
-    hw = pick_hardware(train.device, train.precision, train.channels_last, train.workers)
+    hw = pick_hardware(train.device, train.precision, train.channels_last, train.workers, train.keep_freed_memory)
     classes = read_json(SPLIT_DIR / "report.json")["classes"]
     built = build_for_mode(params.model, len(classes), mode)
     model, train_loader, val_loader, data_key = make_loaders(built, classes, train, hw, params.seed,
