@@ -2,6 +2,8 @@
 import csv
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import yaml
@@ -82,3 +84,22 @@ def test_bad_params_stop_the_stage_before_any_work(tmp_path):
     assert result.returncode != 0
     assert "params.yaml: train.lr: expected a number, got 'fast'" in result.stderr + result.stdout
     assert not (project / "data").exists()
+
+
+# Used by every stage and changing no result on its own; a stage need not list them as deps.
+PLUMBING = {"__init__.py", "errors.py", "files.py", "params.py", "stages/__init__.py"}
+
+
+def test_each_stage_depends_on_the_code_it_runs():
+    """A change to any module a stage imports re-runs that stage under dvc repro."""
+    root = Path(__file__).resolve().parents[1]
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        module = stage["cmd"].split()[2]  # python -m transferlab.stages.X [mode]
+        code = (f"import sys, {module}; print('\\n'.join(m.__file__ for n, m in sys.modules.items() "
+                f"if n.startswith('transferlab') and getattr(m, '__file__', None)))")
+        files = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        used = {Path(f).resolve().relative_to(root / "src/transferlab").as_posix() for f in files}
+        listed = {d.removeprefix("src/transferlab/") for d in stage["deps"] if d.startswith("src/transferlab/")}
+        assert used - PLUMBING <= listed, f"{name}: dvc.yaml does not list {sorted(used - PLUMBING - listed)}"
+        assert listed <= used, f"{name}: dvc.yaml lists {sorted(listed - used)}, which it does not run"

@@ -103,7 +103,7 @@ def keep_freed_memory() -> bool:
 
     Every training step frees its activations and allocates them again; by default glibc returns
     such blocks to the OS, and touching them again costs a page fault per 4 KiB (measured on this
-    CPU: squeezenet trains 21% faster without that, at the same peak memory). Blocks up to 32 MiB
+    CPU: squeezenet trains 20-25% faster without that, at the same peak memory). Blocks up to 32 MiB
     (glibc's ceiling) then come from the heap, and up to 1 GiB of free heap is kept. Returns
     whether it applied: False where the C library is not glibc (macOS, Windows, musl).
     """

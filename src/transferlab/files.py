@@ -44,11 +44,8 @@ def read_json(path: str | Path) -> Any:
         return json.load(f)
 
 
-# torch is imported inside the checkpoint functions so that stages writing only JSON and CSV
-# (fetch, split, plot) start without it.
-
 def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
-    import torch
+    import torch  # here, not at the top: fetch, split and plot write no checkpoint and start without torch
 
     with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
@@ -56,7 +53,7 @@ def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
 
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint without executing pickled code (weights_only=True)."""
-    import torch
+    import torch  # see save_checkpoint
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
