@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,11 @@ def test_file_errors_name_the_file(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ParamsError, match="bad.yaml: is not valid YAML"):
         load_params(bad)
+
+
+def test_stages_that_build_no_model_skip_its_check_and_torch(raw):
+    raw["model"] = "resnet19"
+    assert parse_params(raw, check_model=False).model == "resnet19"  # the train stage will refuse it
+    code = ("import sys; from transferlab.params import load_params; "
+            f"load_params({str(ROOT / 'params.yaml')!r}, check_model=False); print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -116,8 +116,12 @@ class Params:
         return getattr(self, mode)
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; raise ParamsError naming the first bad key."""
+def load_params(path: str | Path = "params.yaml", check_model: bool = True) -> Params:
+    """Read and validate params.yaml; raise ParamsError naming the first bad key.
+
+    `check_model=False` skips resolving the model name, which imports torchvision (1.7 s): for
+    the stages that build no model (fetch, split, plot).
+    """
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: not found; run from the project root, where params.yaml lives")
@@ -128,15 +132,13 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: must be a mapping of keys to values, got {type(raw).__name__}")
     try:
-        return parse_params(raw)
+        return parse_params(raw, check_model)
     except ParamsError as err:
         raise ParamsError(f"{path}: {err}") from None
 
 
-def parse_params(raw: dict[str, Any]) -> Params:
+def parse_params(raw: dict[str, Any], check_model: bool = True) -> Params:
     """Validate a params mapping (as read from params.yaml) into Params."""
-    from transferlab.models import resolve_model_name  # heavy import, only once the file parsed
-
     raw = dict(raw)
     for mode in MODES:
         overrides = raw.get(mode, "missing")
@@ -148,10 +150,13 @@ def parse_params(raw: dict[str, Any]) -> Params:
         train = raw.get("train")
         raw[mode] = {**train, **overrides} if isinstance(train, dict) else train
     params = _build(Params, raw, "")
-    try:
-        resolve_model_name(params.model)
-    except ValueError as err:
-        raise ParamsError(f"model: {err}") from None
+    if check_model:
+        from transferlab.models import resolve_model_name  # imports torchvision: only when asked
+
+        try:
+            resolve_model_name(params.model)
+        except ValueError as err:
+            raise ParamsError(f"model: {err}") from None
     return params
 
 
