@@ -34,7 +34,7 @@ class Hardware:
     channels_last: bool
     workers: int
     pin_memory: bool
-    keep_freed_memory: bool = False  # glibc's malloc tuned by keep_freed_memory() in this process
+    keep_freed_memory: bool  # glibc's malloc tuned by keep_freed_memory() in this process
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:

@@ -1,7 +1,7 @@
 """Image files on disk, without torch: which files count as images, decoding them to RGB, their
 content hashes, and the split CSVs that list them with their labels.
 
-Kept free of torch so that the fetch, split and plot stages start in a fraction of a second.
+Kept free of torch so that the fetch, split and plot stages start without importing it.
 """
 from __future__ import annotations
 

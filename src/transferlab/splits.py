@@ -7,8 +7,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
-from transferlab.images import Sample, file_digest, is_image_file, load_image
 from transferlab.errors import UserError
+from transferlab.images import Sample, file_digest, is_image_file, load_image
 
 # Decoding at a small scale still reads every byte of the file, so truncation is caught, cheaply.
 _CHECK_SIDE = 64
