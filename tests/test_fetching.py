@@ -1,6 +1,7 @@
 import hashlib
 import http.server
 import io
+import json
 import tarfile
 import threading
 import zipfile
@@ -25,11 +26,29 @@ def archive(tmp_path) -> Path:
 
 
 def test_zip_is_extracted_without_its_top_folder_and_recorded(tmp_path, archive):
-    info = fetch(str(archive), tmp_path / "data" / "raw")
+    record = tmp_path / "data" / "fetch.json"
+    info = fetch(str(archive), tmp_path / "data" / "raw", record=record)
     raw = tmp_path / "data" / "raw"
     assert sorted(p.name for p in raw.iterdir()) == ["train", "val"]
-    assert info == {"source": str(archive), "sha256": hashlib.sha256(archive.read_bytes()).hexdigest(), "files": 10}
-    assert [p.name for p in (tmp_path / "data").iterdir()] == ["raw"]  # no temporary left behind
+    assert info == {"url": str(archive), "source": str(archive),
+                    "sha256": hashlib.sha256(archive.read_bytes()).hexdigest(), "files": 10}
+    assert json.loads(record.read_text()) == info
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["fetch.json", "raw"]  # no temporary left
+
+
+@pytest.mark.parametrize("layout", ["empty", "files only", "empty class folders"])
+def test_a_folder_without_class_folders_of_files_is_refused(tmp_path, layout):
+    source = tmp_path / "mine"
+    source.mkdir()
+    if layout == "files only":
+        (source / "photo.jpg").write_bytes(b"x")
+    if layout == "empty class folders":
+        (source / "cats").mkdir()
+        (source / "dogs").mkdir()
+    with pytest.raises(FetchError, match="no class folders of images.*one sub-folder per class.*train/ and val/") as err:
+        fetch(str(source), tmp_path / "raw")
+    assert "data.url in params.yaml is" in str(err.value)
+    assert not (tmp_path / "raw").exists()
 
 
 def test_file_url_tar_and_folder_sources(tmp_path, archive):

@@ -24,10 +24,10 @@ def test_sigterm_keeps_good_outputs_and_resume_matches_an_uninterrupted_run(tmp_
         run([sys.executable, "-m", f"transferlab.stages.{stage}"], project, env)
 
     run(TRAIN, project, env)
-    outputs = [project / "models/scratch.pt", project / "metrics/train/scratch.json"]
+    outputs = [project / "models/scratch.pt", project / "reports/train/scratch.json"]
     good = [path.read_bytes() for path in outputs]
     uninterrupted = json.loads(good[1])
-    assert not list((project / "data/cache").glob("resume-*")), "a finished run leaves no resume file"
+    assert not list((project / "data/cache/resume").glob("resume-*")), "a finished run leaves no resume file"
 
     process = subprocess.Popen(TRAIN, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in process.stdout:
@@ -35,9 +35,10 @@ def test_sigterm_keeps_good_outputs_and_resume_matches_an_uninterrupted_run(tmp_
             process.send_signal(signal.SIGTERM)
             break
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130 and "interrupted; outputs already written are unchanged" in stderr
+    assert process.returncode == 143 and "interrupted by SIGTERM" in stderr
+    assert "unchanged, as the last finished run left them: models/scratch.pt, logs/scratch/" in stderr
     assert [path.read_bytes() for path in outputs] == good
-    assert len(list((project / "data/cache").glob("resume-scratch-*.pt"))) == 1
+    assert len(list((project / "data/cache/resume").glob("resume-scratch-*.pt"))) == 1
 
     resumed_run = run(TRAIN, project, env)
     assert "resuming after epoch" in resumed_run.stdout

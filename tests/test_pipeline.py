@@ -45,18 +45,27 @@ def test_repro_then_experiment_then_metrics_diff(tmp_path):
         checkpoint = torch.load(project / f"models/{mode}.pt", weights_only=True)
         assert (checkpoint["arch"], checkpoint["classes"], checkpoint["mode"]) == ("squeezenet1_0", ["ants", "bees"], mode)
         assert checkpoint["preprocess"]["crop_size"] == 224 and checkpoint["state_dict"]
-        summary = json.loads((project / f"metrics/train/{mode}.json").read_text())
-        assert summary["epochs"] == 2 and summary["device"] == "cpu" and summary["train_images_per_s"] > 0
+        summary = json.loads((project / f"reports/train/{mode}.json").read_text())
+        assert summary["epochs"] == 2 and summary["train_images_per_s"] > 0
+        assert summary["first_epoch_images_per_s"] > 0 and summary["steady_images_per_s"] > 0
+        assert json.loads((project / f"metrics/train/{mode}.json").read_text()) == {
+            "train_seconds": round(summary["wall_seconds"], 1), "best_val_accuracy": summary["best_val_accuracy"]}
         with open(project / f"metrics/predictions/{mode}.csv") as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == 8 and {r["actual"] for r in rows} == {"ants", "bees"}
         assert (project / f"logs/{mode}/plots/metrics/val/acc.tsv").read_text().count("\n") == 3
     evaluation = json.loads((project / "metrics/eval.json").read_text())
+    details = json.loads((project / "reports/eval.json").read_text())
     for mode in MODES:
         m = evaluation[mode]
         assert 0 <= m["accuracy_ci95_low"] <= m["accuracy"] <= m["accuracy_ci95_high"] <= 1
-        assert m["images"] == 8 and m["inference_images_per_s"] > 0
-    assert "mcnemar_p" in evaluation["finetune_vs_scratch"]
+        assert set(m) == {"accuracy", "accuracy_ci95_low", "accuracy_ci95_high", "balanced_accuracy", "roc_auc"}
+        assert details[mode]["images"] == 8 and details[mode]["inference_images_per_s"] > 0
+    assert "mcnemar_p" in details["finetune_vs_scratch"] and details["classes"] == ["ants", "bees"]
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], project, env).stdout)
+    numbers = [v for files in shown.values() for f in files["data"].values() for m in f["data"].values()
+               for v in (m.values() if isinstance(m, dict) else [m])]
+    assert len(numbers) == 3 * 5 + 3 * 2  # what `dvc exp show` puts in columns: a screenful
     for png in ("val_accuracy", "loss", "test_accuracy", "confusion", "test_predictions"):
         assert (project / f"plots/{png}.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -68,13 +77,16 @@ def test_repro_then_experiment_then_metrics_diff(tmp_path):
     assert "Running stage 'train-finetune'" in out and "Running stage 'plot'" in out
     assert torch.load(project / "models/finetune.pt", weights_only=True)["arch"] == "resnet18"
 
-    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project, env).stdout)
-    parameters = diff["metrics/train/finetune.json"]["parameters"]
-    assert parameters["old"] == 736450 and parameters["new"] == 11177538
+    diff = json.loads(run(["dvc", "metrics", "diff", "--all", "--json"], project, env).stdout)
+    assert {f"{mode}.accuracy" for mode in MODES} <= set(diff["metrics/eval.json"])
     params = json.loads(run(["dvc", "params", "diff", "--json"], project, env).stdout)
     assert params["params.yaml"]["model"] == {"old": "squeezenet", "new": "resnet"}
     shown = run(["dvc", "plots", "show", "-o", str(tmp_path / "plots_html")], project, env)
-    assert (tmp_path / "plots_html" / "index.html").exists(), shown.stdout
+    assert "cdn.jsdelivr.net/npm/vega" in (tmp_path / "plots_html" / "index.html").read_text(), shown.stdout
+    run(["transferlab", "plots", "diff", "HEAD", "-o", str(tmp_path / "offline")], project, env)
+    page = (tmp_path / "offline" / "index.html").read_text()
+    assert "<script src=" not in page  # nothing fetched from a CDN
+    assert "window.vegaEmbed=" in page and page.count("vegaEmbed('#") >= 4  # Vega inlined, every plot drawn
 
 
 def test_bad_params_stop_the_stage_before_any_work(tmp_path):

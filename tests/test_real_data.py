@@ -46,4 +46,5 @@ def test_transfer_learning_pays_off_on_hymenoptera(tmp_path):
     assert accuracy["finetune"] >= 0.90 and accuracy["extract"] >= 0.90
     assert accuracy["finetune"] - accuracy["scratch"] >= 0.15
     assert accuracy["extract"] - accuracy["scratch"] >= 0.15
-    assert evaluation["finetune_vs_scratch"]["significant"]
+    details = json.loads((project / "reports/eval.json").read_text())
+    assert details["finetune_vs_scratch"]["significant"]

@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from transferlab.errors import UserError
+from transferlab.files import no_space_message, remove_stale_temps, signals_deferred, swap_in, write_json
 
 MIRROR_ENV = "TRANSFERLAB_DATA_MIRROR"
 _IGNORED_TOP_LEVEL = {"__MACOSX"}
@@ -48,12 +49,16 @@ def local_path(source: str) -> Path | None:
     return None
 
 
-def fetch(url: str, out_dir: str | Path, sha256: str | None = None, mirror: str | None = None) -> dict:
-    """Fetch `url` (archive or ImageFolder directory) into `out_dir`; return what was fetched."""
+def fetch(url: str, out_dir: str | Path, sha256: str | None = None, mirror: str | None = None,
+          record: str | Path | None = None) -> dict:
+    """Fetch `url` (archive or ImageFolder directory) into `out_dir`; return what was fetched, and
+    write it as JSON to `record` in the same step as the swap (neither changes without the other)."""
     out_dir = Path(out_dir)
     source = resolve_source(url, mirror)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.fetch-") as work:
+    remove_stale_temps(out_dir.parent)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.{os.getpid()}.",
+                                     suffix=".tmp") as work, no_space_message(out_dir):
         work = Path(work)
         path = local_path(source)
         if path is not None and path.is_dir():
@@ -70,8 +75,13 @@ def fetch(url: str, out_dir: str | Path, sha256: str | None = None, mirror: str 
                                  f"{sha256}; the file is corrupt or not the one configured{_advice(url)}")
             root = extract(archive, work / "tree")
         files = sum(1 for p in root.rglob("*") if p.is_file())
-        swap_in(root, out_dir)
-    return {"source": source, "sha256": digest, "files": files}
+        check_layout(root, source, url)
+        info = {"url": url, "source": source, "sha256": digest, "files": files}
+        with signals_deferred():
+            swap_in(root, out_dir)
+            if record is not None:
+                write_json(record, info)
+    return info
 
 
 def download(source: str, dest: Path, url: str) -> Path:
@@ -153,12 +163,14 @@ def _unsafe_entry(name: str, is_link: bool) -> str | None:
     return None
 
 
-def swap_in(new: Path, target: Path) -> None:
-    """Replace folder `target` with folder `new` (same filesystem) in two renames."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+LAYOUTS = ("one sub-folder per class (e.g. cats/, dogs/), or train/ and val/ folders each holding the "
+           "same class sub-folders (the tutorial's layout)")
+
+
+def check_layout(root: Path, source: str, url: str) -> None:
+    """FetchError unless `root` holds files inside at least one sub-folder (the class folders)."""
+    folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if not any(p.is_file() for folder in folders for p in folder.rglob("*")):
+        found = "is empty" if not any(root.iterdir()) else "holds no files inside sub-folders"
+        raise FetchError(f"{source} {found}: there are no class folders of images. data.url must "
+                         f"point at images in {LAYOUTS}{_advice(url)}")

@@ -43,8 +43,9 @@ def plot_test_accuracy(evaluation: dict, modes: list[str], path: Path) -> None:
     """Test accuracy per mode with its 95% interval: how much transfer learning buys."""
     fig, ax = plt.subplots(figsize=(6, 4))
     acc = np.array([evaluation[m]["accuracy"] for m in modes])
-    low = acc - np.array([evaluation[m]["accuracy_ci95_low"] for m in modes])
-    high = np.array([evaluation[m]["accuracy_ci95_high"] for m in modes]) - acc
+    # Clipped at 0: matplotlib refuses a negative error bar, which rounding can produce at 100%.
+    low = np.clip(acc - np.array([evaluation[m]["accuracy_ci95_low"] for m in modes]), 0, None)
+    high = np.clip(np.array([evaluation[m]["accuracy_ci95_high"] for m in modes]) - acc, 0, None)
     ax.bar(modes, acc, yerr=[low, high], capsize=6, color=[MODE_COLORS.get(m) for m in modes])
     for i, value in enumerate(acc):
         ax.text(i, value / 2, f"{value:.1%}", ha="center", color="white", fontweight="bold")
@@ -54,18 +55,43 @@ def plot_test_accuracy(evaluation: dict, modes: list[str], path: Path) -> None:
     _save(fig, path)
 
 
+# Beyond these many classes a confusion matrix shows no cell counts, then no class names: a heat map.
+COUNTS_UP_TO, NAMES_UP_TO = 15, 40
+
+
 def plot_confusions(evaluation: dict, modes: list[str], classes: list[str], path: Path) -> None:
-    fig, axes = plt.subplots(1, len(modes), figsize=(4 * len(modes), 3.8), squeeze=False)
+    """One confusion matrix per mode, legible from 2 to hundreds of classes: counts while they
+    fit, then the share of each true class (row) as colour only."""
+    n = len(classes)
+    side = min(3.8 + 0.22 * n, 9)
+    fig, axes = plt.subplots(1, len(modes), figsize=(side * len(modes), side), squeeze=False)
     for ax, mode in zip(axes[0], modes):
-        rows = evaluation[mode]["confusion"]
-        matrix = np.array([[rows[f"true_{t}"][f"pred_{p}"] for p in classes] for t in classes])
-        ax.imshow(matrix, cmap="Blues")
-        for (i, j), n in np.ndenumerate(matrix):
-            ax.text(j, i, str(n), ha="center", va="center",
-                    color="white" if n > matrix.max() / 2 else "black")
-        ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes,
-               yticklabels=classes, xlabel="predicted", ylabel="true", title=mode)
+        matrix = np.array(evaluation[mode]["confusion"])
+        counts = n <= COUNTS_UP_TO
+        shown = matrix if counts else matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+        ax.imshow(shown, cmap="Blues", interpolation="nearest")
+        if counts:
+            for (i, j), count in np.ndenumerate(matrix):
+                ax.text(j, i, str(count), ha="center", va="center", fontsize=9 if n <= 8 else 7,
+                        color="white" if count > matrix.max() / 2 else "black")
+        if n <= NAMES_UP_TO:
+            names = [short_label(c) for c in classes]
+            ax.set_xticks(range(n), names, rotation=0 if n <= 4 else 90, fontsize=9 if n <= 10 else 7)
+            ax.set_yticks(range(n), names, fontsize=9 if n <= 10 else 7)
+        else:
+            ax.set(xticks=[], yticks=[])
+        unit = "" if counts else ", share of each true class"
+        ax.set(xlabel="predicted", ylabel="true", title=f"{mode}{unit}")
     _save(fig, path)
+
+
+def short_label(name: str, width: int = 14) -> str:
+    """A class name cut to `width` characters in the middle (names often differ only at the end),
+    so that labels do not run into one another."""
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 2
+    return name[:head] + "…" + name[len(name) - (width - 1 - head):]
 
 
 def plot_prediction_grid(predictions_csv: Path, count: int, path: Path, title: str) -> None:
@@ -82,8 +108,8 @@ def plot_prediction_grid(predictions_csv: Path, count: int, path: Path, title: s
     for ax, row in zip(axes.flat, rows):
         ax.imshow(load_image(row["path"], min_side=160))
         ok = row["actual"] == row["predicted"]
-        ax.set_title(f"pred {row['predicted']} ({float(row['confidence']):.0%})\ntrue {row['actual']}",
-                     color="green" if ok else "red", fontsize=9)
+        ax.set_title(f"pred {short_label(row['predicted'], 20)} ({float(row['confidence']):.0%})\n"
+                     f"true {short_label(row['actual'], 20)}", color="green" if ok else "red", fontsize=9)
     fig.suptitle(title)
     _save(fig, path)
 

@@ -15,7 +15,18 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     p = correct / total
     centre = (p + z * z / (2 * total)) / (1 + z * z / total)
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # In floating point the bounds of 0/n and n/n can land a hair inside p (60/60 gives an upper
+    # bound of 0.9999999999999999): clamp, so low <= p <= high always holds.
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
+
+
+# What metrics/eval.json keeps per mode, for `dvc metrics show` / `dvc exp show` at a glance; the
+# rest (per-class detail, whose size grows with the number of classes) goes to reports/eval.json.
+HEADLINE = ("accuracy", "accuracy_ci95_low", "accuracy_ci95_high", "balanced_accuracy", "roc_auc")
+
+
+def headline(metrics: dict) -> dict:
+    return {key: metrics[key] for key in HEADLINE if key in metrics}
 
 
 def classification_metrics(targets: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
@@ -44,9 +55,18 @@ def classification_metrics(targets: np.ndarray, probs: np.ndarray, classes: list
         scores = probs[:, 1] if len(classes) == 2 else probs
         result["roc_auc"] = float(skm.roc_auc_score(targets, scores, multi_class="ovr", labels=labels))
     result["recall_per_class"] = {name: float(r) for name, r in zip(classes, per_class_recall)}
-    result["confusion"] = {f"true_{t}": {f"pred_{p}": int(confusion[i, j]) for j, p in enumerate(classes)}
-                           for i, t in enumerate(classes)}
+    result["most_confused"] = most_confused(confusion, classes)
+    result["confusion"] = confusion.tolist()  # rows: true class, columns: predicted, in `classes` order
     return result
+
+
+def most_confused(confusion: np.ndarray, classes: list[str], top: int = 10) -> list[dict]:
+    """The class pairs most often mistaken for one another (true -> predicted), most frequent first."""
+    off_diagonal = confusion.copy()
+    np.fill_diagonal(off_diagonal, 0)
+    pairs = [(int(off_diagonal[i, j]), i, j) for i, j in zip(*np.nonzero(off_diagonal))]
+    pairs.sort(key=lambda pair: (-pair[0], pair[1], pair[2]))
+    return [{"true": classes[i], "predicted": classes[j], "images": n} for n, i, j in pairs[:top]]
 
 
 def mcnemar_p(right_a: np.ndarray, right_b: np.ndarray) -> float:

@@ -147,6 +147,9 @@ def parse_params(raw: dict[str, Any], check_model: bool = True) -> Params:
         overrides = {} if overrides is None else overrides
         if not isinstance(overrides, dict):
             raise ParamsError(f"{mode}: must be a mapping of train keys to override, got {overrides!r}")
+        # A key set to null inherits train's value: params.yaml lists the usual overrides that way,
+        # so that `dvc exp run -S scratch.lr=0.01` finds the key it edits.
+        overrides = {key: value for key, value in overrides.items() if value is not None}
         train = raw.get("train")
         raw[mode] = {**train, **overrides} if isinstance(train, dict) else train
     params = _build(Params, raw, "")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import statistics
 from pathlib import Path
 
 from torch import nn
@@ -55,10 +56,15 @@ def backbone_trains(built: BuiltModel) -> bool:
 
 
 def summary(result: FitResult, built: BuiltModel, model: nn.Module, hw: Hardware, wall_seconds: float) -> dict:
-    """What metrics/train/MODE.json reports: best epoch, speed, memory, hardware."""
+    """What reports/train/MODE.json holds: best epoch, speed, memory, hardware.
+
+    The first epoch is reported apart from the rest (`steady_images_per_s`): it pays one-off
+    costs (allocator warm-up, first calls of each shape) that later epochs do not.
+    """
     history = result.history
     train_seconds = sum(r["train_seconds"] for r in history)
     images = sum(r["train_images_per_s"] * r["train_seconds"] for r in history)
+    later = [r["train_images_per_s"] for r in history[1:]]
     return {
         "best_epoch": result.best_epoch,
         "best_val_accuracy": result.best_val.accuracy,
@@ -67,6 +73,8 @@ def summary(result: FitResult, built: BuiltModel, model: nn.Module, hw: Hardware
         "wall_seconds": wall_seconds,
         "seconds_per_epoch": sum(r["train_seconds"] + r["val_seconds"] for r in history) / len(history),
         "train_images_per_s": images / train_seconds,
+        "first_epoch_images_per_s": history[0]["train_images_per_s"],
+        "steady_images_per_s": statistics.median(later) if later else None,
         "trainable_parameters": sum(p.numel() for p in trainable_parameters(model)),
         "parameters": sum(p.numel() for p in built.model.parameters()),
         "peak_rss_mb": peak_rss_mb(),
@@ -74,3 +82,8 @@ def summary(result: FitResult, built: BuiltModel, model: nn.Module, hw: Hardware
         "features_cached": model is not built.model,
         **hw.describe(),
     }
+
+
+def headline(details: dict) -> dict:
+    """The few numbers metrics/train/MODE.json keeps for `dvc metrics show` and `dvc exp show`."""
+    return {"train_seconds": round(details["wall_seconds"], 1), "best_val_accuracy": details["best_val_accuracy"]}

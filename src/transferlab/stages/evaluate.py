@@ -1,4 +1,5 @@
-"""evaluate: models/MODE.pt + data/split/test.csv -> metrics/eval.json, metrics/predictions/MODE.csv.
+"""evaluate: models/MODE.pt + data/split/test.csv -> metrics/eval.json (the headline numbers),
+reports/eval.json (every metric, per-class detail, paired tests) and metrics/predictions/MODE.csv.
 
 The only stage that reads the test split.
 """
@@ -9,35 +10,41 @@ import numpy as np
 
 from transferlab.data import ImageDataset, build_transform, make_loader
 from transferlab.engine import Hardware, Predictions, pick_hardware, predict, seed_everything
-from transferlab.files import atomic_writer, load_checkpoint, write_json
+from transferlab.files import load_checkpoint, replaced_together, write_json
 from transferlab.images import read_split
-from transferlab.metrics import classification_metrics, compare
+from transferlab.metrics import classification_metrics, compare, headline
 from transferlab.models import MODES, Preprocess, rebuild_model
 from transferlab.params import load_params
-from transferlab.stages import CACHE_DIR, run_stage
+from transferlab.stages import cache_dir, require_inputs, run_stage
 
 TEST_CSV = Path("data/split/test.csv")
-PREDICTIONS_DIR = Path("metrics/predictions")
+OUTPUTS = ["metrics/eval.json", "reports/eval.json", "metrics/predictions/"]
+PAIRS = (("finetune", "scratch"), ("extract", "scratch"), ("finetune", "extract"))
 
 
 def main() -> None:
+    require_inputs({str(TEST_CSV): "split", **{f"models/{mode}.pt": f"train-{mode}" for mode in MODES}})
     params = load_params()
     seed_everything(params.seed)
     hw = pick_hardware()
-    report, right = {}, {}
+    report, right, rows = {"classes": None}, {}, {}
     for mode in MODES:
         checkpoint = load_checkpoint(f"models/{mode}.pt")
         predictions, dataset = predict_test(checkpoint, params.evaluate.batch_size, hw)
-        classes = checkpoint["classes"]
+        classes = report["classes"] = checkpoint["classes"]
         report[mode] = {**classification_metrics(predictions.targets, predictions.probs, classes),
                         "inference_images_per_s": predictions.stats.images_per_second}
         right[mode] = predictions.probs.argmax(1) == predictions.targets
-        write_predictions(PREDICTIONS_DIR / f"{mode}.csv", dataset, predictions, classes)
+        rows[mode] = prediction_rows(dataset, predictions, classes)
         print(f"{mode}: test accuracy {report[mode]['accuracy']:.4f} "
               f"(95% CI {report[mode]['accuracy_ci95_low']:.3f}-{report[mode]['accuracy_ci95_high']:.3f})")
-    for first, second in (("finetune", "scratch"), ("extract", "scratch"), ("finetune", "extract")):
+    for first, second in PAIRS:
         report[f"{first}_vs_{second}"] = compare(right, first, second)
-    write_json("metrics/eval.json", report)
+    with replaced_together(*OUTPUTS) as (metrics, details, predictions_dir):  # all three or none
+        write_json(metrics, {mode: headline(report[mode]) for mode in MODES})
+        write_json(details, report)
+        for mode in MODES:
+            write_predictions(predictions_dir / f"{mode}.csv", rows[mode])
 
 
 def predict_test(checkpoint: dict, batch_size: int, hw: Hardware) -> tuple[Predictions, ImageDataset]:
@@ -46,20 +53,26 @@ def predict_test(checkpoint: dict, batch_size: int, hw: Hardware) -> tuple[Predi
     hw.prepare(model)
     pre = Preprocess(**checkpoint["preprocess"])
     dataset = ImageDataset(read_split(TEST_CSV), checkpoint["classes"], build_transform(pre, train=False),
-                           min_side=pre.resize_size, cache_dir=CACHE_DIR)  # decoded once for all modes
+                           min_side=pre.resize_size, cache_dir=cache_dir())  # decoded once for all modes
     loader = make_loader(dataset, batch_size, False, 0, hw.workers, hw.pin_memory)
     return predict(model, loader, hw, desc=f"test {checkpoint['mode']}"), dataset
 
 
-def write_predictions(path: Path, dataset: ImageDataset, predictions: Predictions, classes: list[str]) -> None:
+def prediction_rows(dataset: ImageDataset, predictions: Predictions, classes: list[str]) -> list[list]:
     """One row per test image, in the columns dvc's confusion-matrix template reads."""
-    with atomic_writer(path, newline="") as f:
+    rows = []
+    for sample, target, probs in zip(dataset.samples, predictions.targets, predictions.probs):
+        best = int(np.argmax(probs))
+        rows.append([sample.path, classes[target], classes[best], f"{probs[best]:.4f}"])
+    return rows
+
+
+def write_predictions(path: Path, rows: list[list]) -> None:
+    with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "actual", "predicted", "confidence"])
-        for sample, target, probs in zip(dataset.samples, predictions.targets, predictions.probs):
-            best = int(np.argmax(probs))
-            writer.writerow([sample.path, classes[target], classes[best], f"{probs[best]:.4f}"])
+        writer.writerows(rows)
 
 
 if __name__ == "__main__":
-    run_stage("evaluate", main)
+    run_stage("evaluate", main, OUTPUTS)

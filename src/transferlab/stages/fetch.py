@@ -2,7 +2,6 @@
 import os
 
 from transferlab.fetching import MIRROR_ENV, fetch
-from transferlab.files import write_json
 from transferlab.params import load_params
 from transferlab.stages import run_stage
 
@@ -12,11 +11,9 @@ RECORD = "data/fetch.json"
 
 def main() -> None:
     params = load_params(check_model=False)  # builds no model: starts without torchvision
-    mirror = os.environ.get(MIRROR_ENV)
-    info = fetch(params.data.url, RAW_DIR, params.data.sha256, mirror)
-    write_json(RECORD, {"url": params.data.url, **info})
+    info = fetch(params.data.url, RAW_DIR, params.data.sha256, os.environ.get(MIRROR_ENV), RECORD)
     print(f"fetched {info['files']} files from {info['source']} into {RAW_DIR} (sha256 {info['sha256']})")
 
 
 if __name__ == "__main__":
-    run_stage("fetch", main)
+    run_stage("fetch", main, [RAW_DIR + "/", RECORD])

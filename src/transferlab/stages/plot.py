@@ -1,13 +1,13 @@
-"""plot: training logs, metrics/eval.json and predictions -> plots/*.png."""
+"""plot: training logs, metrics/eval.json, reports/eval.json and predictions -> plots/*.png."""
 from pathlib import Path
 
 from transferlab.figures import (plot_confusions, plot_curves, plot_prediction_grid, plot_test_accuracy,
                                  read_curve)
-from transferlab.files import read_json
+from transferlab.files import read_json, replaced_together
 from transferlab.params import MODES, load_params
-from transferlab.stages import run_stage
+from transferlab.stages import require_inputs, run_stage
 
-PLOTS = Path("plots")
+PLOTS = "plots/"
 
 
 def log_curve(mode: str, name: str) -> tuple[list[int], list[float]]:
@@ -15,20 +15,24 @@ def log_curve(mode: str, name: str) -> tuple[list[int], list[float]]:
 
 
 def main() -> None:
+    require_inputs({**{f"logs/{m}": f"train-{m}" for m in MODES},
+                    "reports/eval.json": "evaluate", "metrics/predictions/finetune.csv": "evaluate"})
     params = load_params(check_model=False)  # builds no model: starts without torchvision
     modes = list(MODES)
-    evaluation = read_json("metrics/eval.json")
-    classes = read_json("data/split/report.json")["classes"]
-    plot_curves({m: {"val": log_curve(m, "val/acc")} for m in modes}, f"validation accuracy, {params.model}",
-                "accuracy", PLOTS / "val_accuracy.png")
-    plot_curves({m: {"train": log_curve(m, "train/loss"), "val": log_curve(m, "val/loss")} for m in modes},
-                f"loss, {params.model}", "cross-entropy", PLOTS / "loss.png")
-    plot_test_accuracy(evaluation, modes, PLOTS / "test_accuracy.png")
-    plot_confusions(evaluation, modes, classes, PLOTS / "confusion.png")
-    plot_prediction_grid(Path("metrics/predictions/finetune.csv"), params.plot.grid_images,
-                         PLOTS / "test_predictions.png", f"finetune {params.model}: test images, mistakes first")
-    print(f"wrote {', '.join(sorted(p.name for p in PLOTS.glob('*.png')))} in {PLOTS}/")
+    evaluation = read_json("reports/eval.json")
+    classes = evaluation["classes"]
+    with replaced_together(PLOTS) as (plots,):
+        plot_curves({m: {"val": log_curve(m, "val/acc")} for m in modes}, f"validation accuracy, {params.model}",
+                    "accuracy", plots / "val_accuracy.png")
+        plot_curves({m: {"train": log_curve(m, "train/loss"), "val": log_curve(m, "val/loss")} for m in modes},
+                    f"loss, {params.model}", "cross-entropy", plots / "loss.png")
+        plot_test_accuracy(evaluation, modes, plots / "test_accuracy.png")
+        plot_confusions(evaluation, modes, classes, plots / "confusion.png")
+        plot_prediction_grid(Path("metrics/predictions/finetune.csv"), params.plot.grid_images,
+                             plots / "test_predictions.png", f"finetune {params.model}: test images, mistakes first")
+        written = sorted(p.name for p in plots.glob("*.png"))
+    print(f"wrote {', '.join(written)} in {PLOTS}")
 
 
 if __name__ == "__main__":
-    run_stage("plot", main)
+    run_stage("plot", main, [PLOTS])

@@ -1,22 +1,24 @@
 """split: data/raw/ -> data/split/{train,val,test}.csv and data/split/report.json."""
 from pathlib import Path
 
+from transferlab.files import atomic_dir, signals_deferred, write_json
 from transferlab.images import write_split
-from transferlab.files import write_json
 from transferlab.params import load_params
 from transferlab.splits import make_splits
-from transferlab.stages import run_stage
+from transferlab.stages import require_inputs, run_stage
 
 RAW_DIR = Path("data/raw")
 SPLIT_DIR = Path("data/split")
 
 
 def main() -> None:
+    require_inputs({str(RAW_DIR): "fetch"})
     params = load_params(check_model=False)  # builds no model: starts without torchvision
     splits, report = make_splits(RAW_DIR, params.split.val_fraction, params.split.test_fraction, params.seed)
-    for name, samples in splits.items():
-        write_split(SPLIT_DIR / f"{name}.csv", samples)
-    write_json(SPLIT_DIR / "report.json", report)
+    with signals_deferred(), atomic_dir(SPLIT_DIR) as out:  # the four files replaced together
+        for name, samples in splits.items():
+            write_split(out / f"{name}.csv", samples)
+        write_json(out / "report.json", report)
     counts = ", ".join(f"{name} {sum(c.values())}" for name, c in report["counts"].items())
     print(f"classes {report['classes']}: {counts}; skipped {len(report['skipped'])} files")
     for row in report["skipped"]:
@@ -24,4 +26,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage("split", main)
+    run_stage("split", main, [str(SPLIT_DIR) + "/"])

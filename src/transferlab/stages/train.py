@@ -1,10 +1,11 @@
-"""train MODE: split CSVs -> models/MODE.pt, logs/MODE/ (per-epoch curves), metrics/train/MODE.json.
+"""train MODE: split CSVs -> models/MODE.pt, logs/MODE/ (per-epoch curves), metrics/train/MODE.json
+(the headline numbers) and reports/train/MODE.json (speed, memory, hardware).
 
 MODE is finetune (all weights from ImageNet), extract (frozen ImageNet backbone, new head) or
 scratch (random init). The checkpoint kept is the epoch with the best validation accuracy.
 """
-import argparse
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -16,20 +17,22 @@ from scmrepo.exceptions import SCMError
 import transferlab
 from transferlab.engine import fit, make_optimizer, make_scheduler, pick_hardware, seed_everything
 from transferlab.errors import UserError
-from transferlab.files import read_json, save_checkpoint, write_json
+from transferlab.files import read_json, replaced_together, save_checkpoint, write_json
 from transferlab.models import MODES, build_for_mode, describe, trainable_parameters
 from transferlab.params import load_params, to_dict
-from transferlab.stages import CACHE_DIR, run_stage
-from transferlab.training import make_loaders, resume_file, summary
+from transferlab.stages import RESUME_DIR, cache_dir, require_inputs, run_stage
+from transferlab.training import headline, make_loaders, resume_file, summary
 
 SPLIT_DIR = Path("data/split")
 
 
-def main() -> None:
+def outputs(mode: str) -> list[str]:
+    return [f"models/{mode}.pt", f"logs/{mode}/", f"metrics/train/{mode}.json", f"reports/train/{mode}.json"]
+
+
+def main(mode: str) -> None:
     start = time.perf_counter()
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("mode", choices=list(MODES))
-    mode = parser.parse_args().mode
+    require_inputs({str(SPLIT_DIR / f"{name}"): "split" for name in ("train.csv", "val.csv", "report.json")})
     params = load_params()
     train = params.for_mode(mode)
     seed_everything(params.seed, train.deterministic)
@@ -37,42 +40,43 @@ def main() -> None:
     classes = read_json(SPLIT_DIR / "report.json")["classes"]
     built = build_for_mode(params.model, len(classes), mode)
     model, train_loader, val_loader, data_key = make_loaders(built, classes, train, hw, params.seed,
-                                                             SPLIT_DIR, CACHE_DIR)
+                                                             SPLIT_DIR, cache_dir())
     optimizer = make_optimizer(trainable_parameters(model), train.optimizer, train.lr,
                                train.momentum, train.weight_decay)
     scheduler = make_scheduler(optimizer, train.scheduler, train.epochs, train.step_size, train.gamma)
     identity = [params.model, params.seed, to_dict(train), data_key]
-    resume_path = resume_file(CACHE_DIR, mode, identity) if train.resume else None
-    with open_live(f"logs/{mode}") as live:
-        result = fit(model, train_loader, val_loader, optimizer, scheduler, train.epochs, hw,
-                     train.aux_loss_weight, lambda record: log_epoch(live, record), resume_path)
+    resume_path = resume_file(RESUME_DIR, mode, identity) if train.resume else None
+    result = fit(model, train_loader, val_loader, optimizer, scheduler, train.epochs, hw,
+                 train.aux_loss_weight, resume_path=resume_path)
     model.load_state_dict(result.best_state)  # `model` may be the head alone: it lives in built.model
-    wall_seconds = time.perf_counter() - start
-    save_checkpoint(f"models/{mode}.pt", {
-        **describe(built), "format": 1, "mode": mode, "model": params.model, "classes": classes,
-        "state_dict": {k: v.detach().cpu() for k, v in built.model.state_dict().items()},
-        "best_epoch": result.best_epoch, "features_cached": model is not built.model,
-        "params": {"seed": params.seed, "train": to_dict(train)}, "versions": versions()})
-    write_json(f"metrics/train/{mode}.json", summary(result, built, model, hw, wall_seconds))
+    details = summary(result, built, model, hw, time.perf_counter() - start)
+    with replaced_together(*outputs(mode)) as (checkpoint, logs, metrics, report):  # all four or none
+        save_checkpoint(checkpoint, {
+            **describe(built), "format": 1, "mode": mode, "model": params.model, "classes": classes,
+            "state_dict": {k: v.detach().cpu() for k, v in built.model.state_dict().items()},
+            "best_epoch": result.best_epoch, "features_cached": model is not built.model,
+            "params": {"seed": params.seed, "train": to_dict(train)}, "versions": versions()})
+        write_logs(logs, result.history)
+        write_json(metrics, headline(details))
+        write_json(report, details)
     if resume_path is not None:
         resume_path.unlink()  # finished: the next run starts afresh
     print(f"{mode}: best val accuracy {result.best_val.accuracy:.4f} at epoch {result.best_epoch}")
 
 
-def open_live(directory: str) -> Live:
-    """dvclive writing per-epoch TSVs for `dvc plots`; dvc.yaml declares them, so no dvc.yaml of its own."""
+def write_logs(directory: Path, history: list[dict]) -> None:
+    """Per-epoch curves as dvclive TSVs for `dvc plots` (dvc.yaml declares them, so dvcyaml=False)."""
     try:
-        return Live(directory, dvcyaml=False, save_dvc_exp=False)
+        live = Live(str(directory), dvcyaml=False, save_dvc_exp=False)
     except SCMError as err:  # dvclive reads git's HEAD, which a repo without commits lacks
         raise UserError(f"git: {err}; dvclive logs against a commit: run `git add -A && git commit -m "
                         f"start` once, then run the pipeline again") from None
-
-
-def log_epoch(live: Live, record: dict) -> None:
-    for name in ("loss", "acc"):
-        live.log_metric(f"train/{name}", record[f"train_{name}"])
-        live.log_metric(f"val/{name}", record[f"val_{name}"])
-    live.next_step()
+    with live:
+        for record in history:
+            for name in ("loss", "acc"):
+                live.log_metric(f"train/{name}", record[f"train_{name}"])
+                live.log_metric(f"val/{name}", record[f"val_{name}"])
+            live.next_step()
 
 
 def versions() -> dict:
@@ -81,4 +85,6 @@ def versions() -> dict:
 
 
 if __name__ == "__main__":
-    run_stage("train", main)
+    if len(sys.argv) != 2 or sys.argv[1] not in MODES:
+        sys.exit(f"usage: python -m transferlab.stages.train {{{','.join(MODES)}}}")
+    run_stage("train", lambda: main(sys.argv[1]), outputs(sys.argv[1]))

@@ -1,0 +1,146 @@
+"""What a user meets through `dvc repro` and `dvc exp run` when something goes wrong: every stage
+that fails or is interrupted leaves the previous outputs exactly as they were, and says so."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import copy_project, make_dataset, pipeline_env, run, write_test_weights
+
+MODES = ("finetune", "extract", "scratch")
+OUTPUTS = ["data/raw", "data/fetch.json", "data/split", *(f"models/{m}.pt" for m in MODES),
+           *(f"logs/{m}" for m in MODES), *(f"metrics/train/{m}.json" for m in MODES),
+           *(f"reports/train/{m}.json" for m in MODES), "metrics/eval.json", "reports/eval.json",
+           "metrics/predictions", "plots"]
+
+
+def git(project: Path, *args: str) -> str:
+    command = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args]
+    return subprocess.run(command, cwd=project, check=True, capture_output=True, text=True).stdout
+
+
+def snapshot(project: Path) -> dict[str, bytes]:
+    """Every file of every pipeline output, by path."""
+    files = {}
+    for output in OUTPUTS:
+        path = project / output
+        for file in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
+            files[file.relative_to(project).as_posix()] = file.read_bytes()
+    return files
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A project whose whole pipeline ran once (2 epochs, tiny data), committed: the user's last good run."""
+    tmp = tmp_path_factory.mktemp("faults")
+    data = make_dataset(tmp / "tiny", train_per_class=8, val_per_class=4)
+    project = copy_project(tmp / "project")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["url"] = str(data)
+    params["train"].update(epochs=2, batch_size=4)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    torch_home = tmp / "torch_home"
+    write_test_weights(torch_home, "squeezenet1_0")
+    env = pipeline_env(torch_home)
+    run(["dvc", "repro"], project, env)
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "last good run")
+    return project, env, snapshot(project)
+
+
+def assert_nothing_lost(project: Path, good: dict[str, bytes]) -> None:
+    assert snapshot(project) == good
+    changed = [line for line in git(project, "status", "--porcelain").splitlines() if "params.yaml" not in line]
+    assert changed == []
+
+
+def restore_params(project: Path) -> None:
+    git(project, "checkout", "--", "params.yaml")
+
+
+def test_bad_params_through_dvc_exp_run_keep_every_output(finished):
+    project, env, good = finished
+    result = run(["dvc", "exp", "run", "-S", "train.lr=fast"], project, env, check=False)
+    restore_params(project)
+    assert result.returncode != 0
+    message = result.stderr + result.stdout
+    assert "params.yaml: train.lr: expected a number, got 'fast'" in message
+    assert "unchanged, as the last finished run left them: models/" in message
+    assert_nothing_lost(project, good)
+
+
+def test_missing_data_url_keeps_data_raw(finished):
+    project, env, good = finished
+    result = run(["dvc", "exp", "run", "-S", f"data.url={project / 'no-such.zip'}"], project, env, check=False)
+    restore_params(project)
+    assert result.returncode != 0
+    message = result.stderr + result.stdout
+    assert "no-such.zip: no such file" in message and "Nothing was changed" in message
+    assert "unchanged, as the last finished run left them: data/raw/, data/fetch.json" in message
+    assert_nothing_lost(project, good)
+
+
+def test_ctrl_c_mid_epoch_under_dvc_repro_keeps_every_output(finished):
+    project, env, good = finished
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["finetune"]["epochs"] = 40  # only train-finetune re-runs
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # A terminal's Ctrl-C signals the whole foreground process group: dvc and the stage it runs.
+    process = subprocess.Popen(["dvc", "repro"], cwd=project, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith("epoch 2/40"):
+            os.killpg(process.pid, signal.SIGINT)
+            break
+    out, _ = process.communicate(timeout=120)
+    restore_params(project)
+    message = "".join(seen) + out
+    assert process.returncode != 0 and "interrupted by SIGINT" in message, message
+    assert "unchanged, as the last finished run left them: models/" in message
+    assert_nothing_lost(project, good)
+
+
+def test_documented_per_mode_overrides_work_as_written(finished):
+    project, env, _ = finished
+    out = run(["dvc", "exp", "run", "-S", "scratch.lr=0.01", "-S", "scratch.epochs=1",
+               "-S", "++scratch.gamma=0.5"], project, env).stdout
+    restore_params(project)
+    assert "Running stage 'train-scratch'" in out
+    assert "Stage 'train-finetune' didn't change, skipping" in out
+    assert "Stage 'train-extract' didn't change, skipping" in out
+    git(project, "checkout", "--", ".")
+    run(["dvc", "checkout", "-q"], project, env)
+
+
+@pytest.mark.parametrize("stage, args, missing, maker", [
+    ("split", [], "data/raw", "fetch"),
+    ("train", ["finetune"], "data/split/train.csv", "split"),
+    ("evaluate", [], "models/finetune.pt", "train-finetune"),
+    ("plot", [], "reports/eval.json", "evaluate"),
+])
+def test_a_stage_run_before_its_inputs_exist_names_them(tmp_path, stage, args, missing, maker):
+    project = copy_project(tmp_path / "project")
+    result = run([sys.executable, "-m", f"transferlab.stages.{stage}", *args], project, pipeline_env(), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{missing} is missing (the {maker} stage makes it)" in result.stderr
+    assert maker in result.stderr.split("Run `dvc repro ")[1].split("`")[0]
+    assert "nothing was written" in result.stderr
+
+
+def test_an_empty_data_folder_stops_at_fetch(tmp_path):
+    project = copy_project(tmp_path / "project")
+    (tmp_path / "empty").mkdir()
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["url"] = str(tmp_path / "empty")
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run(["dvc", "repro", "fetch"], project, pipeline_env(), check=False)
+    assert result.returncode != 0
+    assert "is empty: there are no class folders of images" in result.stderr + result.stdout
+    assert "data.url in params.yaml is" in result.stderr + result.stdout
+    assert not (project / "data/raw").exists()
