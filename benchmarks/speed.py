@@ -4,7 +4,7 @@
 
 Per model and mode: wall time, training images/s, test accuracy, peak memory, for the baseline
 (benchmarks/tutorial_baseline.py) and transferlab's train stage, and the ratio baseline/transferlab.
-Then the whole pipeline (all seven stages, empty DVC cache) against the baseline's three training
+Then the whole pipeline (all eight stages, empty DVC cache) against the baseline's three training
 runs, and how wall time and cache size grow on a generated dataset `--scale` times larger.
 squeezenet and resnet18 get random weights under torchvision's own cache file names (speed does
 not depend on the values; the real loading path still runs); efficientnet_lite0 has its real ones.
@@ -82,14 +82,20 @@ def bench_model(project: Path, model: str, epochs: int, env: dict) -> list[dict]
     """Baseline and transferlab, each mode, for one model; decode/feature caches start empty."""
     set_params(project, model=model)
     shutil.rmtree(project / "data" / "cache", ignore_errors=True)
+    decode, _ = timed([sys.executable, "-m", "transferlab.stages.decode"], project, env)
+    print(f"  {model} decode (every image of the three splits, all cores): {decode:.1f} s", flush=True)
     rows = []
     for mode in MODES:
         wall, _ = timed([sys.executable, "-m", "transferlab.stages.train", mode], project, env)
-        ours = json.loads((project / f"metrics/train/{mode}.json").read_text())
+        ours = json.loads((project / f"reports/train/{mode}.json").read_text())
         base = json.loads(sh([sys.executable, str(ROOT / "benchmarks/tutorial_baseline.py"), "--model", model,
                               "--mode", mode, "--epochs", str(epochs)], project, env).strip().splitlines()[-1])
         rows.append({"model": model, "mode": mode, "base": base,
                      "ours": {"wall_seconds": wall, "train_images_per_s": ours["train_images_per_s"],
+                              "first_epoch_images_per_s": ours["first_epoch_images_per_s"],
+                              "steady_images_per_s": ours["steady_images_per_s"],
+                              "setting": f"{ours['precision']}{' + CL' if ours['channels_last'] else ''}, "
+                                         f"{ours['input_path']}",
                               "peak_rss_mb": ours["peak_rss_mb"], "features_cached": ours["features_cached"],
                               "peak_rss_mb_after_epoch_1": ours["peak_rss_mb_after_epoch_1"]}})
         print(f"  {model} {mode}: baseline {base['wall_seconds']:.0f}s, transferlab {wall:.0f}s", flush=True)
@@ -101,27 +107,30 @@ def bench_model(project: Path, model: str, epochs: int, env: dict) -> list[dict]
 
 
 def print_table(rows: list[dict]) -> None:
-    header = ("model", "mode", "wall base s", "wall ours s", "wall ratio", "img/s base", "img/s ours",
-              "img/s ratio", "test acc base", "test acc ours", "peak MB base", "peak MB ours (after epoch 1)")
+    header = ("model", "mode", "wall base s", "wall ours s", "wall ratio", "img/s base", "img/s ours (1st epoch)",
+              "img/s ratio", "auto chose", "test acc base", "test acc ours", "peak MB base",
+              "peak MB ours (after epoch 1)")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
         b, o = r["base"], r["ours"]
-        ips = "n/a (head only)" if o["features_cached"] else f"{o['train_images_per_s']:.1f}"
+        steady = o["steady_images_per_s"] or o["train_images_per_s"]
+        ips = "n/a (head only)" if o["features_cached"] else f"{steady:.1f} ({o['first_epoch_images_per_s']:.1f})"
         ips_ratio = "" if o["features_cached"] else f"{o['train_images_per_s'] / b['train_images_per_s']:.2f}x"
         print(f"| {r['model']} | {r['mode']} | {b['wall_seconds']:.0f} | {o['wall_seconds']:.0f} | "
               f"{b['wall_seconds'] / o['wall_seconds']:.1f}x | {b['train_images_per_s']:.1f} | {ips} | {ips_ratio} | "
-              f"{b['test_accuracy']:.3f} | {o['test_accuracy']:.3f} | {b['peak_rss_mb']:.0f} | {o['peak_rss_mb']:.0f} ({o['peak_rss_mb_after_epoch_1']:.0f}) |")
+              f"{o['setting']} | {b['test_accuracy']:.3f} | {o['test_accuracy']:.3f} | {b['peak_rss_mb']:.0f} | "
+              f"{o['peak_rss_mb']:.0f} ({o['peak_rss_mb_after_epoch_1']:.0f}) |")
 
 
 def whole_pipeline(work: Path, archive: str, epochs: int, model: str, env: dict, name: str) -> tuple[float, int, dict]:
-    """`dvc repro` of all seven stages from an empty DVC cache: (wall seconds, cache bytes, each
+    """`dvc repro` of all eight stages from an empty DVC cache: (wall seconds, cache bytes, each
     training stage's wall seconds)."""
     project = make_project(work / name, archive, epochs)
     set_params(project, model=model)
     wall, _ = timed([sys.executable, "-m", "dvc", "repro"], project, env)
     cache = sum(p.stat().st_size for p in (project / "data" / "cache").rglob("*") if p.is_file())
-    training = {mode: json.loads((project / f"metrics/train/{mode}.json").read_text())["wall_seconds"]
+    training = {mode: json.loads((project / f"reports/train/{mode}.json").read_text())["wall_seconds"]
                 for mode in MODES}
     return wall, cache, training
 
@@ -174,7 +183,7 @@ def main() -> None:
     if squeeze:
         wall, _, training = whole_pipeline(work, archive, args.epochs, "squeezenet", env, "pipeline")
         base = sum(r["base"]["wall_seconds"] for r in squeeze)
-        print(f"\nwhole pipeline, squeezenet, all seven stages, empty DVC cache: {wall:.0f} s; "
+        print(f"\nwhole pipeline, squeezenet, all eight stages, empty DVC cache: {wall:.0f} s; "
               f"baseline's three training runs: {base:.0f} s; ratio {base / wall:.1f}x")
         print("of which training stages (after imports): "
               + ", ".join(f"{mode} {seconds:.0f} s" for mode, seconds in training.items())

@@ -1,10 +1,12 @@
 """Shared fixtures: generated images, a copy of the project, torch caches with test weights."""
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -81,12 +83,20 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
+# One cache folder (decoded images, embeddings, hardware decisions) for the pipelines the tests run,
+# as a user's projects would share one through TRANSFERLAB_CACHE_DIR: each hardware decision is
+# measured once per test session, not once per test.
+SHARED_CACHE = Path(tempfile.mkdtemp(prefix="transferlab-test-cache-"))
+atexit.register(shutil.rmtree, SHARED_CACHE, ignore_errors=True)
+
+
 def pipeline_env(torch_home: Path | None = None, **extra: str) -> dict[str, str]:
     """Environment for `dvc` subprocesses: this interpreter's tools first on PATH, no analytics."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["DVC_NO_ANALYTICS"] = "1"
     env["PYTHONPATH"] = str(ROOT / "src")
+    env["TRANSFERLAB_CACHE_DIR"] = str(SHARED_CACHE)
     if torch_home is not None:
         env["TORCH_HOME"] = str(torch_home)
     env.update(extra)

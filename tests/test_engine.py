@@ -7,11 +7,12 @@ from conftest import CLASS_COLORS, make_image
 from torch import nn
 
 from transferlab.data import ImageDataset, build_transform, make_loader
-from transferlab.engine import (cpu_has_fast_bf16, fit, make_optimizer, make_scheduler, pick_hardware, predict,
-                                seed_everything, set_train_mode)
+from transferlab.engine import fit, make_optimizer, make_scheduler, predict, seed_everything, set_train_mode
 from transferlab.errors import UserError
+from transferlab.hardware import pick_hardware
 from transferlab.images import Sample
 from transferlab.models import Preprocess
+from transferlab.store import open_store
 
 PRE = Preprocess(crop_size=24, resize_size=28, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 CLASSES = list(CLASS_COLORS)
@@ -28,15 +29,16 @@ def loaders_data(tmp_path_factory):
     def samples(split, n):
         return [Sample(str(make_image(root / split / f"{c}{i}.png", color, seed=hash((split, c, i)) % 999)), c)
                 for c, color in CLASS_COLORS.items() for i in range(n)]
-    return samples("train", 12), samples("val", 6)
+    train, val = samples("train", 12), samples("val", 6)
+    return train, val, open_store(train + val, PRE.resize_size, root / "cache")
 
 
 def run_fit(loaders_data, epochs=4, precision="fp32", workers=0, scheduler="none", seed=0, resume_path=None):
     seed_everything(seed)
     hw = pick_hardware("cpu", precision, "auto", workers)
-    train, val = loaders_data
-    train_loader = make_loader(ImageDataset(train, CLASSES, build_transform(PRE, True)), 4, True, seed, workers)
-    val_loader = make_loader(ImageDataset(val, CLASSES, build_transform(PRE, False)), 4, False, seed, workers)
+    train, val, store = loaders_data
+    train_loader = make_loader(ImageDataset(train, CLASSES, build_transform(PRE, True), store), 4, True, seed, workers)
+    val_loader = make_loader(ImageDataset(val, CLASSES, build_transform(PRE, False), store), 4, False, seed, workers)
     model = tiny_net()
     optimizer = make_optimizer(list(model.parameters()), "sgd", 0.05, 0.9, 0.0)
     sched = make_scheduler(optimizer, scheduler, epochs, step_size=1, gamma=0.5)
@@ -46,8 +48,6 @@ def run_fit(loaders_data, epochs=4, precision="fp32", workers=0, scheduler="none
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_learns_a_trivially_separable_dataset(loaders_data, precision):
-    if precision == "bf16" and not cpu_has_fast_bf16():
-        pytest.skip("this CPU has neither AVX-512 BF16 nor AMX")
     result, *_ = run_fit(loaders_data, epochs=5, precision=precision)
     assert result.best_val.accuracy == 1.0
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
@@ -88,11 +88,11 @@ def test_frozen_batchnorm_keeps_its_statistics():
 def test_hardware_choices():
     hw = pick_hardware("cpu", "fp32", False, 0, False)
     assert hw.describe() == {"device": "cpu", "precision": "fp32", "channels_last": False, "workers": 0,
-                             "pin_memory": False, "keep_freed_memory": False}
+                             "pin_memory": False, "keep_freed_memory": False, "input_path": "DataLoader + PIL",
+                             "auto_decision": None}
     auto = pick_hardware("cpu")
-    assert auto.channels_last and auto.workers == 0
+    assert auto.workers == 0 and auto.decision == {"auto_fields": ["precision", "channels_last"]}
     assert auto.keep_freed_memory == (platform.libc_ver()[0] == "glibc")
-    assert auto.amp_dtype == (torch.bfloat16 if cpu_has_fast_bf16() else None)
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA GPU"):
             pick_hardware("cuda")
@@ -114,7 +114,9 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(loaders_data, tmp_path
     assert all(torch.equal(resumed.best_state[k], uninterrupted.best_state[k]) for k in uninterrupted.best_state)
 
 
-def test_resume_file_with_code_in_it_is_refused(tmp_path, loaders_data):
+@pytest.mark.parametrize("damage", ["pickled code", "truncated"])
+def test_an_unreadable_resume_state_is_removed_and_training_starts_at_epoch_1(tmp_path, loaders_data, capfd,
+                                                                              damage):
     import pickle
 
     class Payload:
@@ -122,6 +124,13 @@ def test_resume_file_with_code_in_it_is_refused(tmp_path, loaders_data):
             return (print, ("this ran",))
 
     resume = tmp_path / "resume.pt"
-    resume.write_bytes(pickle.dumps({"states": Payload()}))
-    with pytest.raises(UserError, match="refused to load"):
+    if damage == "pickled code":
+        resume.write_bytes(pickle.dumps({"states": Payload()}))
+    else:
         run_fit(loaders_data, epochs=1, resume_path=resume)
+        resume.write_bytes(resume.read_bytes()[:1000])
+    result, *_ = run_fit(loaders_data, epochs=2, resume_path=resume)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    err = capfd.readouterr()
+    assert "this ran" not in err.out
+    assert f"{resume}: unreadable resume state" in err.err and "training starts again at epoch 1" in err.err

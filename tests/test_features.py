@@ -1,12 +1,16 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import CLASS_COLORS, make_image
 
-from transferlab.data import ImageDataset, build_transform, make_loader
-from transferlab.engine import fit, make_optimizer, pick_hardware, predict, seed_everything
+from transferlab.data import ImageSource
+from transferlab.engine import fit, make_optimizer, predict, seed_everything
 from transferlab.features import feature_loaders, split_off_head
+from transferlab.hardware import pick_hardware
 from transferlab.images import Sample
 from transferlab.models import build_model, trainable_parameters
+from transferlab.store import open_store
 
 CLASSES = list(CLASS_COLORS)
 
@@ -33,25 +37,57 @@ def test_head_on_embeddings_reproduces_the_model(name):
         assert torch.allclose(head_only(captured[0]), outputs, atol=1e-5)
 
 
-def test_head_trained_on_cached_embeddings_drives_the_full_model(samples, tmp_path):
+@pytest.mark.parametrize("tensor_batches", [False, True])
+def test_head_trained_on_cached_embeddings_drives_the_full_model(samples, tmp_path, tensor_batches):
     seed_everything(0)
-    hw = pick_hardware("cpu", "fp32", True, 0)
+    hw = replace(pick_hardware("cpu", "fp32", True, 0), tensor_batches=tensor_batches)
     built = build_model("resnet", 2, pretrained=False, train_backbone=False)
     train, val = samples
-    head_only, train_loader, val_loader = feature_loaders(built, train, val, CLASSES, 4, 3, hw, 0, tmp_path)
-    [features_file] = tmp_path.glob("features-resnet18-*.pt")
-    assert len(list(tmp_path.glob("decoded-*.npz"))) == 2  # train and val, decoded once
+    source = ImageSource(open_store(train + val, built.preprocess.resize_size, tmp_path))
+
+    def image_batches(split, training):
+        return source.batches(split, CLASSES, built.preprocess, 4, training, 0, hw)
+    head_only, train_loader, val_loader = feature_loaders(built, train, val, 4, 3, hw, 0, tmp_path, image_batches)
+    [features] = [p for p in tmp_path.glob("features-resnet18-*") if p.is_dir()]
+    assert sorted(p.name for p in features.iterdir()) == ["meta.json", "train.bin", "val.bin"]
     assert len(train_loader.dataset) == 3 * len(train) and len(list(train_loader)) == 3  # one view per image
     assert trainable_parameters(head_only) == trainable_parameters(built.model)
     optimizer = make_optimizer(trainable_parameters(head_only), "sgd", 0.01, 0.9, 0.0)
     result = fit(head_only, train_loader, val_loader, optimizer, None, 3, hw)
     head_only.load_state_dict(result.best_state)
-    images = ImageDataset(val, CLASSES, build_transform(built.preprocess, False), built.preprocess.resize_size)
-    full = predict(built.model, make_loader(images, 4, False, 0), hw).stats
+    full = predict(built.model, image_batches(val, False), hw).stats
     assert full.accuracy == result.best_val.accuracy
     assert full.loss == pytest.approx(result.best_val.loss, rel=1e-4)
     # A second call reads the cache instead of running the backbone again.
-    mtime = features_file.stat().st_mtime_ns
-    again = feature_loaders(built, train, val, CLASSES, 4, 3, hw, 0, tmp_path)
+    mtime = (features / "train.bin").stat().st_mtime_ns
+    again = feature_loaders(built, train, val, 4, 3, hw, 0, tmp_path, image_batches)
     assert torch.equal(again[2].dataset.tensors[0], val_loader.dataset.tensors[0])
-    assert features_file.stat().st_mtime_ns == mtime and len(list(tmp_path.glob("features-*"))) == 1
+    assert (features / "train.bin").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped bytes", "no meta"])
+def test_a_damaged_embedding_cache_is_rebuilt(samples, tmp_path, capfd, damage):
+    hw = pick_hardware("cpu", "fp32", False, 0)
+    built = build_model("resnet", 2, pretrained=False, train_backbone=False)
+    train, val = samples
+    source = ImageSource(open_store(train + val, built.preprocess.resize_size, tmp_path))
+
+    def image_batches(split, training):
+        return source.batches(split, CLASSES, built.preprocess, 4, training, 0, hw)
+    seed_everything(0)  # the DataLoader path draws its crops from torch's global generator
+    first = feature_loaders(built, train, val, 4, 2, hw, 0, tmp_path, image_batches)
+    reference = first[1].dataset.tensors[0].clone()
+    [features] = [p for p in tmp_path.glob("features-resnet18-*") if p.is_dir()]
+    data = (features / "train.bin").read_bytes()
+    if damage == "truncated":
+        (features / "train.bin").write_bytes(data[:len(data) // 3])
+    elif damage == "flipped bytes":
+        (features / "train.bin").write_bytes(data[:100] + bytes(b ^ 0xFF for b in data[100:110]) + data[110:])
+    else:
+        (features / "meta.json").unlink()
+    capfd.readouterr()
+    seed_everything(0)
+    again = feature_loaders(built, train, val, 4, 2, hw, 0, tmp_path, image_batches)
+    assert torch.equal(again[1].dataset.tensors[0], reference)
+    if damage != "no meta":  # an unfinished cache is simply built; a damaged one is said to be
+        assert "damaged embedding cache" in capfd.readouterr().err

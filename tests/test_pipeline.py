@@ -36,8 +36,11 @@ def test_repro_then_experiment_then_metrics_diff(tmp_path):
 
     out = run(["dvc", "repro"], project, env).stdout
     ran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
-    assert ran[:2] == ["fetch", "split"] and ran[-2:] == ["evaluate", "plot"]
-    assert sorted(ran[2:5]) == ["train-extract", "train-finetune", "train-scratch"]
+    assert ran[:3] == ["fetch", "split", "decode"] and ran[-2:] == ["evaluate", "plot"]
+    assert sorted(ran[3:6]) == ["train-extract", "train-finetune", "train-scratch"]
+    decoded = json.loads((project / "data/decode.json").read_text())
+    assert decoded["images"] == 24 and decoded["min_side"] == 256  # 16 train + val, 8 test
+    assert (Path(env["TRANSFERLAB_CACHE_DIR"]) / decoded["store"] / "pixels.bin").stat().st_size == decoded["bytes"]
 
     report = json.loads((project / "data/split/report.json").read_text())
     assert report["counts"]["test"] == {"ants": 4, "bees": 4}
@@ -48,6 +51,9 @@ def test_repro_then_experiment_then_metrics_diff(tmp_path):
         summary = json.loads((project / f"reports/train/{mode}.json").read_text())
         assert summary["epochs"] == 2 and summary["train_images_per_s"] > 0
         assert summary["first_epoch_images_per_s"] > 0 and summary["steady_images_per_s"] > 0
+        decision = summary["auto_decision"]  # precision and layout measured here, not assumed
+        assert decision["chosen"] in decision["seconds_per_image"]["model"]
+        assert summary["precision"] == decision["chosen"].split()[0]
         assert json.loads((project / f"metrics/train/{mode}.json").read_text()) == {
             "train_seconds": round(summary["wall_seconds"], 1), "best_val_accuracy": summary["best_val_accuracy"]}
         with open(project / f"metrics/predictions/{mode}.csv") as f:

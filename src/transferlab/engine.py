@@ -5,8 +5,6 @@ where the initial weights came from.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import random
 import resource
@@ -21,105 +19,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
-from transferlab.errors import UserError
+from transferlab.errors import UserError, warn
 from transferlab.files import load_checkpoint, save_checkpoint
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """Everything device-dependent, decided once before the loop."""
-
-    device: torch.device
-    amp_dtype: torch.dtype | None   # autocast dtype, None for fp32
-    channels_last: bool
-    workers: int
-    pin_memory: bool
-    keep_freed_memory: bool  # glibc's malloc tuned by keep_freed_memory() in this process
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def grad_scaler(self) -> torch.amp.GradScaler:
-        # Only fp16 underflows; bf16 has fp32's exponent range.
-        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-
-    def prepare(self, model: nn.Module) -> nn.Module:
-        model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.channels_last else model
-
-    def to_device(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=self.pin_memory)
-        if self.channels_last and images.dim() == 4:  # cached embeddings may be flat
-            return images.contiguous(memory_format=torch.channels_last)
-        return images
-
-    def describe(self) -> dict:
-        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
-        return {"device": self.device.type, "precision": precision, "channels_last": self.channels_last,
-                "workers": self.workers, "pin_memory": self.pin_memory, "keep_freed_memory": self.keep_freed_memory}
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 matmuls/convs run natively instead of being emulated."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def pick_hardware(device: str = "auto", precision: str = "auto", channels_last: bool | str = "auto",
-                  workers: int | str = "auto", keep_memory: bool | str = "auto") -> Hardware:
-    """Resolve the `auto` settings for this machine and apply the one that is process-wide (the
-    memory allocator's); an explicit setting the machine lacks is an error."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device is cuda but torch sees no CUDA GPU; set device: auto or cpu")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise UserError("train.device is mps but this torch has no MPS backend; set device: auto or cpu")
-    if precision == "auto":
-        precision = _auto_precision(device)
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    if channels_last == "auto":
-        # Measured on CPU (benchmarks/hardware.py): faster in fp32 and bf16 alike; cuDNN likes it too.
-        channels_last = device in ("cpu", "cuda")
-    if workers == "auto":
-        # Images are decoded once, so only cheap augmentation is left for workers. On a CPU they
-        # would compete with the compute threads (measured: 0 workers 57.6 img/s, 2 workers 50.1).
-        workers = 0 if device == "cpu" else min(4, os.cpu_count() or 1)
-    if keep_memory == "auto":
-        keep_memory = device == "cpu" and keep_freed_memory()
-    elif keep_memory and not keep_freed_memory():
-        raise UserError("train.keep_freed_memory is true, but this C library is not glibc, whose malloc "
-                        "it tunes; set it to auto or false")
-    return Hardware(torch.device(device), amp_dtype, bool(channels_last), int(workers),
-                    pin_memory=device == "cuda", keep_freed_memory=bool(keep_memory))
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt() parameters, from glibc's malloc.h
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
-
-    Every training step frees its activations and allocates them again; by default glibc returns
-    such blocks to the OS, and touching them again costs a page fault per 4 KiB (measured on this
-    CPU: squeezenet trains 20-25% faster without that, at the same peak memory). Blocks up to 32 MiB
-    (glibc's ceiling) then come from the heap, and up to 1 GiB of free heap is kept. Returns
-    whether it applied: False where the C library is not glibc (macOS, Windows, musl).
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
-
-
-def _auto_precision(device: str) -> str:
-    if device == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device == "cpu" and cpu_has_fast_bf16():
-        return "bf16"
-    return "fp32"
+from transferlab.hardware import Hardware
 
 
 def peak_rss_mb() -> float:
@@ -200,7 +102,11 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                     desc: str = "train") -> EpochStats:
     set_train_mode(model)
     criterion = nn.CrossEntropyLoss()
-    total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
+    # Loss and hits add up on the device and are read once, at the end: a read per step would make
+    # the host wait for the GPU every step.
+    total_loss = torch.zeros((), device=hw.device, dtype=torch.float64)
+    correct = torch.zeros((), device=hw.device, dtype=torch.int64)
+    seen, start = 0, time.perf_counter()
     for images, targets in tqdm(loader, desc=desc, leave=False, disable=None):
         images, targets = hw.to_device(images), targets.to(hw.device, non_blocking=hw.pin_memory)
         with hw.autocast():
@@ -210,29 +116,30 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        total_loss += loss.item() * len(targets)
-        correct += (logits.argmax(1) == targets).sum().item()
+        total_loss += loss.detach() * len(targets)
+        correct += (logits.argmax(1) == targets).sum()
         seen += len(targets)
-    return EpochStats(total_loss / seen, correct / seen, seen, time.perf_counter() - start)
+    return EpochStats(total_loss.item() / seen, correct.item() / seen, seen, time.perf_counter() - start)
 
 
 @torch.no_grad()
 def predict(model: nn.Module, loader, hw: Hardware, desc: str = "eval") -> Predictions:
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    probs, targets, total_loss, start = [], [], 0.0, time.perf_counter()
+    probs, targets, start = [], [], time.perf_counter()
+    total_loss = torch.zeros((), device=hw.device, dtype=torch.float64)
     for images, batch_targets in tqdm(loader, desc=desc, leave=False, disable=None):
         images, batch_targets = hw.to_device(images), batch_targets.to(hw.device)
         with hw.autocast():
             logits, _ = split_outputs(model(images))
         logits = logits.double()  # softmax in float64, so probabilities sum to 1 for log loss
-        total_loss += criterion(logits, batch_targets).item()
-        probs.append(logits.softmax(1).cpu())
-        targets.append(batch_targets.cpu())
-    probs_np, targets_np = torch.cat(probs).numpy(), torch.cat(targets).numpy()
+        total_loss += criterion(logits, batch_targets)
+        probs.append(logits.softmax(1))
+        targets.append(batch_targets)
+    probs_np, targets_np = torch.cat(probs).cpu().numpy(), torch.cat(targets).cpu().numpy()
     n = len(targets_np)
     accuracy = float((probs_np.argmax(1) == targets_np).mean())
-    return Predictions(probs_np, targets_np, EpochStats(total_loss / n, accuracy, n, time.perf_counter() - start))
+    return Predictions(probs_np, targets_np, EpochStats(total_loss.item() / n, accuracy, n, time.perf_counter() - start))
 
 
 @dataclass
@@ -263,8 +170,9 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optim
     stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     generators = loader_generators(train_loader) + loader_generators(val_loader)
     result = FitResult()
-    if resume_path is not None and Path(resume_path).exists():
-        result = load_resume(resume_path, stateful, generators)
+    saved = read_resume(resume_path) if resume_path is not None else None
+    if saved is not None:
+        result = apply_resume(saved, stateful, generators)
         print(f"resuming after epoch {result.history[-1]['epoch']} from {resume_path}", flush=True)
         for record in result.history:
             on_epoch(record)
@@ -308,8 +216,26 @@ def save_resume(path: str | Path, result: FitResult, stateful: dict, generators:
         "best_val": asdict(result.best_val), "history": result.history})
 
 
-def load_resume(path: str | Path, stateful: dict, generators: list[torch.Generator]) -> FitResult:
-    saved = load_checkpoint(path)
+def read_resume(path: str | Path) -> dict | None:
+    """The state saved after an epoch, or None. A state that cannot be read (truncated by a crash
+    or a full disk, or not written by transferlab) is derived data: removed, with a warning, and
+    training starts again at epoch 1."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        saved = load_checkpoint(path)
+        if not {"states", "rng", "history"} <= set(saved) or not saved["history"]:
+            raise UserError("not a resume state")
+        return saved
+    except UserError as err:
+        warn(f"{path}: unreadable resume state ({str(err).split('Cause: ')[-1]}); removed it, training "
+             f"starts again at epoch 1")
+        path.unlink(missing_ok=True)
+        return None
+
+
+def apply_resume(saved: dict, stateful: dict, generators: list[torch.Generator]) -> FitResult:
     for name, obj in stateful.items():
         if obj is not None:
             obj.load_state_dict(saved["states"][name])

@@ -5,22 +5,32 @@ times (each a fresh random crop and flip, the tutorial's augmentation) and each 
 the head then trains on those cached embeddings. Every epoch draws one view per image, so an
 epoch has as many steps as the tutorial's. The cache is keyed by model, weights, preprocessing,
 views, seed, precision and the images' bytes.
+
+Embeddings are written to disk batch by batch and read memory-mapped, like the decoded images:
+memory stays flat in the number of images. Each file's CRC-32 is checked when it is opened; a
+damaged or unfinished cache is rebuilt, with a warning.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from pathlib import Path
+from typing import Callable, Iterable
 
+import numpy as np
 import torch
+from filelock import FileLock
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-from transferlab.data import ImageDataset, build_transform, make_loader, samples_digest
-from transferlab.engine import Hardware
-from transferlab.files import load_checkpoint, save_checkpoint
-from transferlab.images import Sample
+from transferlab.errors import warn
+from transferlab.files import atomic_path, no_space_message, remove, write_json
+from transferlab.hardware import Hardware
+from transferlab.images import Sample, samples_digest
 from transferlab.models import BuiltModel
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 class HeadOnly(nn.Module):
@@ -47,69 +57,117 @@ def split_off_head(model: nn.Module, head_name: str) -> HeadOnly:
 
 
 @torch.no_grad()
-def embed(model: nn.Module, head: nn.Module, loader, hw: Hardware, check: HeadOnly | None = None):
-    """Inputs of `head` for every image (the embeddings), and targets; with `check`, verify on the
-    first batch that `check(embedding)` reproduces the model's output, else return None."""
+def embed(model: nn.Module, head: nn.Module, loader: Iterable, hw: Hardware, check: HeadOnly | None = None):
+    """Inputs of `head` for each batch (on the CPU, in the autocast dtype) with its targets; with
+    `check`, first verify that `check(embedding)` reproduces the model's output, else yield nothing."""
     captured = []
     hook = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].detach()))
     model.eval()
-    embeddings, targets = [], []
     try:
-        for images, batch_targets in loader:
+        for images, targets in loader:
             with hw.autocast():
                 outputs = model(hw.to_device(images))
-                if check is not None and not embeddings:
+                if check is not None:
                     if not torch.allclose(check(captured[-1]).float(), outputs.float(), atol=1e-3, rtol=1e-3):
-                        return None
-            embeddings.append(captured.pop().to("cpu", hw.amp_dtype or torch.float32))
-            targets.append(batch_targets)
+                        return
+                    check = None
+            yield captured.pop().to("cpu", hw.amp_dtype or torch.float32), targets.cpu()
     finally:
         hook.remove()
-    return torch.cat(embeddings), torch.cat(targets)
 
 
-def feature_loaders(built: BuiltModel, train: list[Sample], val: list[Sample], classes: list[str],
-                    batch_size: int, views: int, hw: Hardware, seed: int, cache_dir: str | Path):
+def feature_loaders(built: BuiltModel, train: list[Sample], val: list[Sample], batch_size: int, views: int,
+                    hw: Hardware, seed: int, cache_dir: str | Path, image_loader: Callable[[list[Sample], bool], Iterable]):
     """(HeadOnly model, train loader, val loader) over cached embeddings, or None when this model's
-    head output is not its output (the caller then trains with the backbone in the loop)."""
+    head output is not its output (the caller then trains with the backbone in the loop).
+
+    `image_loader(samples, train)` gives batches of images: augmented (one pass = one view) or not.
+    """
     main_head = built.head_names[-1]  # inception lists its auxiliary head first; eval uses the main one
     head_only = split_off_head(built.model, main_head)
     hw.prepare(built.model)
-    key = _cache_key(built, train, val, views, seed, hw)
-    path = Path(cache_dir) / f"features-{built.arch}-{key}.pt"
-    if path.exists():
-        cached = load_checkpoint(path)
-    else:
-        cached = _embed_all(built, head_only, train, val, classes, batch_size, views, hw, seed, cache_dir)
+    folder = Path(cache_dir) / f"features-{built.arch}-{_cache_key(built, train, val, views, seed, hw)}"
+    cached = _open(folder)
+    if cached is None:
+        with FileLock(str(folder) + ".lock"):
+            cached = _open(folder, quiet=True) or _build(folder, built, head_only, train, val, views, hw,
+                                                         image_loader)
         if cached is None:
             return None
-        save_checkpoint(path, cached)
-    train_set = TensorDataset(cached["train"].flatten(0, 1), cached["train_targets"].repeat(views))
+    train_x, train_y, val_x, val_y = cached
+    train_set = TensorDataset(train_x.flatten(0, 1), train_y.repeat(views))
     sampler = RandomSampler(train_set, num_samples=len(train), generator=torch.Generator().manual_seed(seed))
     train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler)
-    val_loader = DataLoader(TensorDataset(cached["val"], cached["val_targets"]), batch_size=batch_size)
+    val_loader = DataLoader(TensorDataset(val_x, val_y), batch_size=batch_size)
     return head_only, train_loader, val_loader
 
 
-def _embed_all(built: BuiltModel, head_only: HeadOnly, train, val, classes, batch_size, views, hw, seed,
-               cache_dir) -> dict | None:
-    # The training batch size, not a larger one: on a CPU, batches of 64 ran squeezenet's forward
-    # at half the images/s of batches of 8 (activations outgrow the caches).
-    pre, head = built.preprocess, head_only.head
-    val_set = ImageDataset(val, classes, build_transform(pre, False), pre.resize_size, cache_dir=cache_dir)
-    val_loader = make_loader(val_set, batch_size, False, seed, hw.workers)
-    val_embedded = embed(built.model, head, val_loader, hw, check=head_only)
-    if val_embedded is None:
+def _build(folder: Path, built: BuiltModel, head_only: HeadOnly, train, val, views, hw, image_loader):
+    remove(folder)
+    folder.mkdir(parents=True)
+    head = head_only.head
+    with no_space_message(folder / "train.bin"):
+        val_meta = _write(folder / "val.bin", embed(built.model, head, image_loader(val, False), hw, check=head_only))
+        if val_meta is None:
+            remove(folder)
+            return None
+        passes = (batch for _ in range(views) for batch in embed(built.model, head, image_loader(train, True), hw))
+        train_meta = _write(folder / "train.bin", passes)
+    train_meta["shape"] = [views, len(train), *train_meta["shape"][1:]]
+    train_meta["targets"] = train_meta["targets"][:len(train)]
+    write_json(folder / "meta.json", {"train": train_meta, "val": val_meta})  # written last: the cache is complete
+    return _open(folder)
+
+
+def _write(path: Path, batches: Iterable) -> dict | None:
+    """Stream (embeddings, targets) batches into `path`; their shape, dtype, targets and CRC-32."""
+    rows, targets, crc, dtype, shape = 0, [], 0, None, None
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        for embeddings, batch_targets in batches:
+            data = embeddings.contiguous()  # (batch, features) or, before a conv head, (batch, C, H, W)
+            raw = data.view(torch.uint8).numpy().tobytes() if data.dtype == torch.bfloat16 else data.numpy().tobytes()
+            out.write(raw)
+            crc = zlib.crc32(raw, crc)
+            rows, dtype, shape = rows + len(data), data.dtype, list(data.shape[1:])
+            targets += batch_targets.tolist()
+        if dtype is None:
+            return None
+    return {"shape": [rows, *shape], "dtype": DTYPE_NAMES[dtype], "targets": targets, "crc32": crc}
+
+
+def _open(folder: Path, quiet: bool = False):
+    """(train embeddings (views, N, D), train targets, val embeddings, val targets), memory-mapped;
+    None if the cache is absent, unfinished or damaged (then it is rebuilt, with a warning)."""
+    meta_path = folder / "meta.json"
+    if not meta_path.exists():
         return None
-    train_set = ImageDataset(train, classes, build_transform(pre, True), pre.resize_size, cache_dir=cache_dir)
-    loader = make_loader(train_set, batch_size, False, seed, hw.workers)  # one pass: a random view of each
-    passes = [embed(built.model, head, loader, hw) for _ in range(views)]
-    return {"train": torch.stack([p[0] for p in passes]), "train_targets": passes[0][1],
-            "val": val_embedded[0], "val_targets": val_embedded[1]}
+    try:
+        meta = json.loads(meta_path.read_text())
+        arrays = [_map(folder / f"{split}.bin", meta[split]) for split in ("train", "val")]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        if not quiet:
+            warn(f"{folder}: damaged embedding cache ({err}); running the backbone again to rebuild it")
+        remove(meta_path)
+        return None
+    (train_x, train_y), (val_x, val_y) = arrays
+    return train_x, train_y, val_x, val_y
+
+
+def _map(path: Path, meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = {name: dt for dt, name in DTYPE_NAMES.items()}[meta["dtype"]]
+    expected = int(np.prod(meta["shape"])) * torch.empty(0, dtype=dtype).element_size()
+    if path.stat().st_size != expected:
+        raise ValueError(f"{path.name} holds {path.stat().st_size} bytes, not {expected}")
+    raw = np.memmap(path, dtype=np.uint8, mode="c")
+    if zlib.crc32(raw) != meta["crc32"]:
+        raise ValueError(f"{path.name} does not match its checksum")
+    data = torch.from_numpy(raw).view(dtype).view(meta["shape"])
+    return data, torch.tensor(meta["targets"])
 
 
 def _cache_key(built: BuiltModel, train: list[Sample], val: list[Sample], views: int, seed: int,
                hw: Hardware) -> str:
-    identity = json.dumps([built.arch, built.weights_id, built.arch_kwargs, built.preprocess.__dict__, views,
-                           seed, str(hw.amp_dtype), samples_digest(train), samples_digest(val)], sort_keys=True)
+    identity = json.dumps([built.arch, built.weights_id, built.arch_kwargs, built.preprocess.__dict__, views, seed,
+                           str(hw.amp_dtype), hw.tensor_batches, samples_digest(train), samples_digest(val)],
+                          sort_keys=True)
     return hashlib.sha256(identity.encode()).hexdigest()[:20]

@@ -136,7 +136,7 @@ def is_no_space(err: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def no_space_message(path: Path, needed: int | None = None) -> Iterator[None]:
+def no_space_message(path: Path, needed: int | None = None, kept: str = "nothing was written") -> Iterator[None]:
     """Turn a full disk while writing `path` into a DiskFullError saying what to do."""
     try:
         yield
@@ -146,15 +146,17 @@ def no_space_message(path: Path, needed: int | None = None) -> Iterator[None]:
         # torch's message does not say why; only a nearly full disk makes this the likely cause.
         if not isinstance(err, OSError) and free_bytes(path.parent) > (needed or 0) + (64 << 20):
             raise
-        raise DiskFullError(disk_full_message(path, needed)) from None
+        raise DiskFullError(disk_full_message(path, needed, kept=kept)) from None
 
 
-def disk_full_message(path: Path, needed: int | None = None) -> str:
+def disk_full_message(path: Path, needed: int | None = None, free: int | None = None,
+                      kept: str = "nothing was written") -> str:
     folder = path.parent
     need = f"about {_size(needed)} needed, " if needed else ""
-    return (f"{path}: no space left on {mount_point(folder)} ({need}{_size(free_bytes(folder))} free); "
-            f"nothing was written. Free some space there, or move transferlab's caches to a bigger "
-            f"disk with TRANSFERLAB_CACHE_DIR=<folder> (they are derived data, safe to move or delete)")
+    free = free_bytes(folder) if free is None else free
+    return (f"{path}: no space left on {mount_point(folder)} ({need}{_size(free)} free); {kept}. Free "
+            f"some space there, or move transferlab's caches to a bigger disk with "
+            f"TRANSFERLAB_CACHE_DIR=<folder> (they are derived data, safe to move or delete)")
 
 
 def free_bytes(folder: str | Path) -> int:

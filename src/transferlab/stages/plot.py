@@ -1,8 +1,7 @@
 """plot: training logs, metrics/eval.json, reports/eval.json and predictions -> plots/*.png."""
 from pathlib import Path
 
-from transferlab.figures import (plot_confusions, plot_curves, plot_prediction_grid, plot_test_accuracy,
-                                 read_curve)
+from transferlab.figures import plot_confusions, plot_curves, plot_prediction_grid, plot_test_accuracy, read_curve
 from transferlab.files import read_json, replaced_together
 from transferlab.params import MODES, load_params
 from transferlab.stages import require_inputs, run_stage

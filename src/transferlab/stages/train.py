@@ -15,13 +15,16 @@ from dvclive import Live
 from scmrepo.exceptions import SCMError
 
 import transferlab
-from transferlab.engine import fit, make_optimizer, make_scheduler, pick_hardware, seed_everything
+from transferlab.data import ImageSource, open_split_store, read_splits
+from transferlab.engine import fit, make_optimizer, make_scheduler, seed_everything
 from transferlab.errors import UserError
 from transferlab.files import read_json, replaced_together, save_checkpoint, write_json
+from transferlab.hardware import pick_hardware
+from transferlab.images import samples_digest
 from transferlab.models import MODES, build_for_mode, describe, trainable_parameters
 from transferlab.params import load_params, to_dict
 from transferlab.stages import RESUME_DIR, cache_dir, require_inputs, run_stage
-from transferlab.training import headline, make_loaders, resume_file, summary
+from transferlab.training import headline, prepare, resume_file, summary
 
 SPLIT_DIR = Path("data/split")
 
@@ -39,8 +42,11 @@ def main(mode: str) -> None:
     hw = pick_hardware(train.device, train.precision, train.channels_last, train.workers, train.keep_freed_memory)
     classes = read_json(SPLIT_DIR / "report.json")["classes"]
     built = build_for_mode(params.model, len(classes), mode)
-    model, train_loader, val_loader, data_key = make_loaders(built, classes, train, hw, params.seed,
-                                                             SPLIT_DIR, cache_dir())
+    samples = read_splits(SPLIT_DIR)
+    source = ImageSource(open_split_store(SPLIT_DIR, built.preprocess.resize_size, cache_dir()))
+    hw, model, train_loader, val_loader = prepare(built, classes, samples, train, hw, params.seed, source,
+                                                  cache_dir())
+    data_key = samples_digest(samples["train"] + samples["val"])
     optimizer = make_optimizer(trainable_parameters(model), train.optimizer, train.lr,
                                train.momentum, train.weight_decay)
     scheduler = make_scheduler(optimizer, train.scheduler, train.epochs, train.step_size, train.gamma)

@@ -1,0 +1,319 @@
+"""Device, precision, memory layout and input path: decided once, before the loop, so the loop has
+no device branches.
+
+`auto` is decided by measurement on the machine at hand, never by a rule from another machine
+(bf16 is 3x faster on a CPU with AMX and slower on one with only AVX-512 BF16 or less; on a GPU at
+batch 8 autocast adds cast kernels and channels-last slows depthwise convolutions). Each candidate
+runs a few real steps of the real model at every batch shape the run will meet (so first-call
+costs, such as cuDNN's autotuning, are paid here and not mid-epoch), within a time box that drops
+a candidate that stalls. The winner and every candidate's timing are recorded in the stage's
+report, and cached by device, torch version, model and batch shapes, so a re-run does not measure
+again. An explicit setting in params.yaml is used as given.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from transferlab.errors import UserError, warn
+from transferlab.files import write_json
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Everything device-dependent, decided once before the loop."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None   # autocast dtype, None for fp32
+    channels_last: bool
+    workers: int
+    pin_memory: bool
+    keep_freed_memory: bool         # glibc's malloc tuned by keep_freed_memory() in this process
+    tensor_batches: bool = False    # augment batch-wise on tensors (data.TensorBatches), not per PIL image
+    decision: dict = field(default_factory=dict, compare=False)  # how `auto` was decided, with timings
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        # Only fp16 underflows; bf16 has fp32's exponent range.
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model.to(self.device)
+        return model.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=self.pin_memory)
+        if self.channels_last and images.dim() == 4:  # cached embeddings may be flat
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    @property
+    def precision(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+
+    def describe(self) -> dict:
+        return {"device": self.device.type, "precision": self.precision, "channels_last": self.channels_last,
+                "workers": self.workers, "pin_memory": self.pin_memory, "keep_freed_memory": self.keep_freed_memory,
+                "input_path": "tensor batches" if self.tensor_batches else "DataLoader + PIL",
+                "auto_decision": self.decision or None}
+
+
+def pick_hardware(device: str = "auto", precision: str = "auto", channels_last: bool | str = "auto",
+                  workers: int | str = "auto", keep_memory: bool | str = "auto") -> Hardware:
+    """Resolve the device and the settings decided by rule, and apply the process-wide one (the
+    memory allocator's); an explicit setting the machine lacks is an error. `auto` precision and
+    layout stay fp32 and NCHW here until `decide` measures them (`auto_fields` says which)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device is cuda but torch sees no CUDA GPU; set device: auto or cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("train.device is mps but this torch has no MPS backend; set device: auto or cpu")
+    if workers == "auto":
+        # Images come decoded from the store and are augmented as tensor batches where that measures
+        # faster; DataLoader workers would only compete with the compute threads on a CPU.
+        workers = 0 if device == "cpu" else min(4, os.cpu_count() or 1)
+    if keep_memory == "auto":
+        keep_memory = device == "cpu" and keep_freed_memory()
+    elif keep_memory and not keep_freed_memory():
+        raise UserError("train.keep_freed_memory is true, but this C library is not glibc, whose malloc "
+                        "it tunes; set it to auto or false")
+    if device == "cuda" and not torch.are_deterministic_algorithms_enabled():
+        torch.backends.cudnn.benchmark = True  # autotuned once per shape, during `decide`'s warm-up
+    hw = Hardware(torch.device(device), DTYPES.get(precision), channels_last is True, int(workers),
+                  pin_memory=device == "cuda", keep_freed_memory=bool(keep_memory),
+                  tensor_batches=device != "cpu")
+    auto = [name for name, value in (("precision", precision), ("channels_last", channels_last)) if value == "auto"]
+    return replace(hw, decision={"auto_fields": auto}) if auto else hw
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a stage will run, for timing candidates: the model, its input size, and how many
+    images each phase sees per epoch at which batch size."""
+
+    model: nn.Module
+    crop_size: int
+    train_images: int      # 0: this stage trains nothing with the backbone (extract, evaluate)
+    infer_images: int
+    train_batch: int
+    infer_batch: int
+
+    def shapes(self) -> list[tuple[int, bool]]:
+        """Every (batch size, training?) the run meets: full batches and tail batches."""
+        shapes = []
+        for images, batch, train in ((self.train_images, self.train_batch, True),
+                                     (self.infer_images, self.infer_batch, False)):
+            for size in {min(batch, images), images % batch} - {0}:
+                shapes.append((size, train))
+        return shapes
+
+
+INPUT_PATHS = {"DataLoader + PIL": False, "tensor batches": True}
+
+
+def decide(hw: Hardware, work: Workload, cache_dir: Path, key_parts: list,
+           input_seconds: Callable[[bool], float] | None = None) -> Hardware:
+    """`hw` with its auto fields set to the fastest measured candidate and, on a CPU, the faster
+    input path (`input_seconds(tensor_batches)` times one); measured once, then cached."""
+    auto = hw.decision.get("auto_fields", [])
+    measure_inputs = hw.device.type == "cpu" and input_seconds is not None
+    if not auto and not measure_inputs:
+        return hw
+    candidates = candidate_settings(hw, auto) if auto else {}
+    key = hashlib.sha256(json.dumps([machine_name(hw.device), torch.__version__, torch.get_num_threads(),
+                                     work.crop_size, work.shapes(), key_parts, sorted(candidates),
+                                     measure_inputs], sort_keys=True, default=str).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / "hardware" / f"decision-{key}.json"
+    cached = _read_decision(path, candidates, measure_inputs)
+    measured_now = cached is None
+    if measured_now:
+        # Measuring draws random numbers; the run's own draws must not depend on whether it did.
+        with torch.random.fork_rng(devices=[hw.device] if hw.device.type == "cuda" else []):
+            cached = {"model": time_candidates(hw, candidates, work),
+                      "inputs": {name: input_seconds(tensor) for name, tensor in INPUT_PATHS.items()}
+                      if measure_inputs else {}}
+        write_json(path, cached)
+    decision = {"seconds_per_image": cached, "measured_now": measured_now, "cache": str(path)}
+    if candidates:
+        usable = {name: t for name, t in cached["model"].items() if t is not None}
+        if not usable:
+            raise UserError(f"every candidate setting failed or stalled on {hw.device}: {cached['model']}; set "
+                            f"train.precision and train.channels_last explicitly")
+        decision["chosen"] = best = pick_fastest(usable, list(candidates))
+        hw = replace(hw, amp_dtype=DTYPES[candidates[best]["precision"]],
+                     channels_last=candidates[best]["channels_last"])
+    if measure_inputs:
+        decision["input_path"] = path_name = pick_fastest(cached["inputs"], list(INPUT_PATHS))
+        hw = replace(hw, tensor_batches=INPUT_PATHS[path_name])
+    return replace(hw, decision=decision)
+
+
+def pick_fastest(timings: dict[str, float], order: list[str], margin: float = 0.03) -> str:
+    """The fastest candidate; within `margin` of it, the earliest in `order` (the simpler setting)."""
+    fastest = min(timings.values())
+    return next(name for name in order if name in timings and timings[name] <= fastest * (1 + margin))
+
+
+def candidate_settings(hw: Hardware, auto: list[str]) -> dict[str, dict]:
+    """Candidates for the auto fields, simplest first (fp32, NCHW)."""
+    precisions = [hw.precision]
+    if "precision" in auto:
+        precisions = ["fp32", "bf16"]
+        if hw.device.type == "cuda":
+            precisions = ["fp32", "bf16", "fp16"] if torch.cuda.is_bf16_supported() else ["fp32", "fp16"]
+        elif hw.device.type == "mps":
+            precisions = ["fp32", "fp16"]
+    layouts = [False, True] if "channels_last" in auto else [hw.channels_last]
+    return {f"{p}{' + channels-last' if cl else ''}": {"precision": p, "channels_last": cl}
+            for p in precisions for cl in layouts}
+
+
+def time_candidates(hw: Hardware, candidates: dict[str, dict], work: Workload) -> dict[str, float | None]:
+    """Seconds per image of each candidate, simplest first. A candidate is dropped (None) when it
+    fails, or when it has run twice as long as the whole of the fastest one so far (a stall, such
+    as a first call of a shape that takes seconds, or a dtype the hardware only emulates)."""
+    timings, fastest = {}, None
+    for name, settings in candidates.items():
+        box = 60.0 if fastest is None else max(1.0, 2 * fastest)
+        start = time.perf_counter()
+        timings[name] = time_candidate(hw, settings, work, box)
+        if timings[name] is not None:
+            elapsed = time.perf_counter() - start
+            fastest = elapsed if fastest is None else min(fastest, elapsed)
+    return timings
+
+
+def time_candidate(hw: Hardware, settings: dict, work: Workload, box_seconds: float, steps: int = 3) -> float | None:
+    """Seconds per epoch-weighted image for one candidate, after warming up every shape; None if
+    it fails or runs past `box_seconds`."""
+    trial = replace(hw, amp_dtype=DTYPES[settings["precision"]], channels_last=settings["channels_last"])
+    model = trial.prepare(copy.deepcopy(work.model))
+    step = _stepper(model, trial)
+    start = time.perf_counter()
+
+    def overran() -> bool:
+        return time.perf_counter() - start > box_seconds
+    try:
+        for size, train in work.shapes():
+            step(size, train, work.crop_size)
+            if overran():
+                return None
+        cost = 0.0
+        for images, batch, train in ((work.train_images, work.train_batch, True),
+                                     (work.infer_images, work.infer_batch, False)):
+            if images:
+                size = min(batch, images)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    step(size, train, work.crop_size)
+                    if overran():
+                        return None
+                cost += images * (time.perf_counter() - t0) / (steps * size)
+        return cost / (work.train_images + work.infer_images)
+    except (RuntimeError, NotImplementedError) as err:  # an op without a kernel for this dtype/layout
+        warn(f"hardware candidate {settings} failed on {hw.device}: {str(err).splitlines()[0]}")
+        return None
+    finally:
+        del model
+
+
+def _stepper(model: nn.Module, hw: Hardware) -> Callable[[int, bool, int], None]:
+    """One training step (forward, backward, optimizer) or one inference forward on random input."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9) if params else None
+    scaler = hw.grad_scaler()
+
+    def step(size: int, train: bool, crop: int) -> None:
+        images = hw.to_device(torch.randn(size, 3, crop, crop))
+        if train and optimizer is not None:
+            model.train()
+            with hw.autocast():
+                output = model(images)
+                logits = output if isinstance(output, torch.Tensor) else output[0]
+                loss = logits.float().logsumexp(1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            model.eval()
+            with torch.no_grad(), hw.autocast():
+                model(images)
+        if hw.device.type == "cuda":
+            torch.cuda.synchronize()  # a timing must include the work, not only its launch
+    return step
+
+
+def _read_decision(path: Path, candidates: dict, measure_inputs: bool) -> dict | None:
+    """Cached timings, or None when absent or unreadable (then measured again, with a warning)."""
+    if not path.exists():
+        return None
+    try:
+        cached = json.loads(path.read_text())
+        times = list(cached["model"].values()) + list(cached["inputs"].values())
+        if set(cached["model"]) != set(candidates) or bool(cached["inputs"]) != measure_inputs \
+                or not all(t is None or t > 0 for t in times):
+            raise ValueError("not the candidates asked for")
+        return cached
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        warn(f"{path}: unreadable ({err}); measuring the candidates again")
+        return None
+
+
+def machine_name(device: torch.device) -> str:
+    """What identifies the hardware a decision was measured on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), cpu)
+        flags = next((line.split(":", 1)[1] for line in info.splitlines() if line.startswith("flags")), "")
+        cpu = f"{model} [{hashlib.sha256(flags.encode()).hexdigest()[:8]}]"
+    except OSError:
+        pass
+    return f"{device.type}: {cpu}"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 runs natively (not necessarily faster: that is measured)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt() parameters, from glibc's malloc.h
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
+
+    Every training step frees its activations and allocates them again; by default glibc returns
+    such blocks to the OS, and touching them again costs a page fault per 4 KiB (measured on an AMX
+    CPU: squeezenet trains 20-25% faster without that, at the same peak memory). Blocks up to
+    32 MiB (glibc's ceiling) then come from the heap, and up to 1 GiB of free heap is kept. Returns
+    whether it applied: False where the C library is not glibc (macOS, Windows, musl).
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
