@@ -1,5 +1,6 @@
 """What a user meets through `dvc repro` and `dvc exp run` when something goes wrong: every stage
 that fails or is interrupted leaves the previous outputs exactly as they were, and says so."""
+import json
 import os
 import signal
 import subprocess
@@ -143,3 +144,74 @@ def test_an_empty_data_folder_stops_at_fetch(tmp_path):
     assert "is empty: there are no class folders of images" in result.stderr + result.stdout
     assert "data.url in params.yaml is" in result.stderr + result.stdout
     assert not (project / "data/raw").exists()
+
+
+def cache_files(cache: Path, pattern: str) -> list[Path]:
+    return sorted(p for p in cache.glob(pattern) if p.is_file())
+
+
+def test_damaged_caches_heal_themselves_under_dvc_repro(finished):
+    project, env, good = finished
+    cache = Path(env["TRANSFERLAB_CACHE_DIR"])
+    store = json.loads((project / "data/decode.json").read_text())["store"]
+    pixels = cache / store / "pixels.bin"
+    pixels.write_bytes(pixels.read_bytes()[:pixels.stat().st_size // 3])
+    for embeddings in cache_files(cache, "features-*/train.bin"):
+        embeddings.write_bytes(embeddings.read_bytes()[:100])
+    for decision in cache_files(cache, "hardware/decision-*.json"):
+        decision.write_text(decision.read_text()[:20])
+    result = run(["dvc", "repro", "--force", "train-extract"], project, env)
+    message = result.stdout + result.stderr
+    assert "pixels.bin" in message and "decoding the missing images again" in message
+    assert "damaged embedding cache" in message and "running the backbone again" in message
+    assert "unreadable" in message and "measuring the candidates again" in message
+    assert json.loads((project / "metrics/train/extract.json").read_text())["best_val_accuracy"] >= 0
+    git(project, "checkout", "--", ".")
+    run(["dvc", "checkout", "-q"], project, env)
+
+
+def test_sigterm_then_a_damaged_resume_state_starts_again_at_epoch_1(finished):
+    project, env, good = finished
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["scratch"]["epochs"] = 6
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    command = [sys.executable, "-m", "transferlab.stages.train", "scratch"]
+    process = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("epoch 2/6"):
+            process.send_signal(signal.SIGTERM)
+            break
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143 and "interrupted by SIGTERM" in stderr
+    [state] = cache_files(project / "data/cache/resume", "resume-scratch-*.pt")
+    state.write_bytes(state.read_bytes()[:500])  # as a crash or a full disk might leave it
+    result = run(["dvc", "repro", "train-scratch"], project, env)
+    assert f"{state.relative_to(project)}: unreadable resume state" in result.stderr
+    assert "training starts again at epoch 1" in result.stderr and "epoch 6/6" in result.stdout
+    restore_params(project)
+    git(project, "checkout", "--", ".")
+    run(["dvc", "checkout", "-q"], project, env)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB tmpfs: a real full disk. Needs the right to mount (root, or a user namespace)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({made.stderr.strip() or 'mount failed'})")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_says_so_and_keeps_the_outputs(finished, small_disk):
+    project, env, good = finished
+    env = {**env, "TRANSFERLAB_CACHE_DIR": str(small_disk)}  # the cache on a disk with 1 MB
+    result = run(["dvc", "repro", "--force", "train-extract"], project, env, check=False)
+    message = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in message
+    assert f"no space left on {small_disk}" in message and "TRANSFERLAB_CACHE_DIR" in message
+    assert "unchanged, as the last finished run left them: models/extract.pt" in message
+    assert_nothing_lost(project, good)
+    assert not [p for p in small_disk.rglob(".*.tmp")]  # nothing half-written stays behind

@@ -2,12 +2,16 @@
 
     transferlab plots show                # dvc plots show, drawn without network
     transferlab plots diff main other     # dvc plots diff, likewise
+    transferlab cache [--prune DAYS]      # what the cache holds; delete what was unused for DAYS
+    transferlab compare                   # every experiment of this baseline -> leaderboard.{md,json,png}
+    transferlab compare main my-exp       # does my-exp beat main, by how much, and how sure?
 """
 from __future__ import annotations
 
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 from transferlab.errors import UserError
 
@@ -21,6 +25,50 @@ def plots(args: argparse.Namespace) -> int:
     return subprocess.call(["dvc", "plots", args.verb, "--html-template", str(template), *args.dvc_args])
 
 
+def cache(args: argparse.Namespace) -> int:
+    """What the cache folder holds (decoded images, embeddings, ...), and pruning it."""
+    from transferlab.caches import describe, entries, prune
+    from transferlab.stages import cache_dir
+
+    folder = cache_dir()
+    if args.prune is not None:
+        removed = prune(folder, args.prune)
+        print(f"removed {len(removed)} entries, {sum(e.bytes for e in removed) / 1e6:.1f} MB, from {folder}")
+    print(f"{folder}:\n{describe(entries(folder))}")
+    return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Rank experiments (all of the current baseline's, or the revisions and experiment names given)
+    on the same test images: one row per model, mode and differing params, seeds pooled; a paired
+    test against the best. With two revisions, also: does the second beat the first?"""
+    from transferlab.compare import (baseline_runs, head_to_head, leaderboard, markdown, read_run, resolve,
+                                     write_leaderboard)
+    from transferlab.errors import warn
+
+    cwd = Path.cwd()
+    pairs = [(rev, resolve(rev, cwd)) for rev in args.revs] if args.revs else baseline_runs(cwd)
+    runs = []
+    for label, rev in pairs:
+        run = read_run(label, rev, cwd)
+        if run is None:
+            warn(f"{label} ({rev[:7]}) has no evaluated results in git (metrics/eval.json); left out")
+        else:
+            runs.append(run)
+    rows = leaderboard(runs)
+    paths = write_leaderboard(rows, Path(args.out))
+    print(markdown(rows))
+    if len(args.revs) == 2 and len(runs) == 2:
+        a, b = runs
+        print(f"{b.label} against {a.label}, on the same {len(a.test_images)} test images:")
+        for mode in head_to_head(a, b):
+            print(f"  {mode['mode']}: {mode['accuracy_a']:.3f} -> {mode['accuracy_b']:.3f} "
+                  f"({mode['gain']:+.3f}; right only in {a.label}: {mode['only_a_right']}, only in {b.label}: "
+                  f"{mode['only_b_right']}): {mode['verdict']} (paired test p = {mode['p_value']:.3g})")
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transferlab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,6 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("verb", choices=["show", "diff"])
     plot.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed on to dvc plots (revisions, -o, ...)")
     plot.set_defaults(run=plots)
+    caches = verbs.add_parser("cache", help="what the cache holds; prune it",
+                              description=cache.__doc__ + "\n\nexample: transferlab cache --prune 30",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    caches.add_argument("--prune", type=float, metavar="DAYS",
+                        help="delete entries not used for DAYS days (0: everything); all are rebuilt when needed")
+    caches.set_defaults(run=cache)
+    ranking = verbs.add_parser("compare", help="rank experiments on the same test images, with paired tests",
+                               description=compare.__doc__ + "\n\nexamples:\n  transferlab compare\n"
+                               "  transferlab compare main other-branch",
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    ranking.add_argument("revs", nargs="*", help="git revisions or experiment names (default: every experiment "
+                                                  "of the current baseline, as dvc exp show lists them)")
+    ranking.add_argument("--out", default=".", help="folder for leaderboard.md/.json/.png (default: here)")
+    ranking.set_defaults(run=compare)
     return parser
 
 

@@ -24,6 +24,7 @@ from filelock import FileLock
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
+from transferlab.caches import mark_used
 from transferlab.errors import warn
 from transferlab.files import atomic_path, no_space_message, remove, write_json
 from transferlab.hardware import Hardware
@@ -106,16 +107,20 @@ def _build(folder: Path, built: BuiltModel, head_only: HeadOnly, train, val, vie
     remove(folder)
     folder.mkdir(parents=True)
     head = head_only.head
-    with no_space_message(folder / "train.bin"):
-        val_meta = _write(folder / "val.bin", embed(built.model, head, image_loader(val, False), hw, check=head_only))
-        if val_meta is None:
-            remove(folder)
-            return None
-        passes = (batch for _ in range(views) for batch in embed(built.model, head, image_loader(train, True), hw))
-        train_meta = _write(folder / "train.bin", passes)
-    train_meta["shape"] = [views, len(train), *train_meta["shape"][1:]]
-    train_meta["targets"] = train_meta["targets"][:len(train)]
-    write_json(folder / "meta.json", {"train": train_meta, "val": val_meta})  # written last: the cache is complete
+    try:
+        with no_space_message(folder / "train.bin"):
+            val_meta = _write(folder / "val.bin", embed(built.model, head, image_loader(val, False), hw, check=head_only))
+            if val_meta is None:
+                remove(folder)
+                return None
+            passes = (batch for _ in range(views) for batch in embed(built.model, head, image_loader(train, True), hw))
+            train_meta = _write(folder / "train.bin", passes)
+            train_meta["shape"] = [views, len(train), *train_meta["shape"][1:]]
+            train_meta["targets"] = train_meta["targets"][:len(train)]
+            write_json(folder / "meta.json", {"train": train_meta, "val": val_meta})  # last: the cache is complete
+    except BaseException:
+        remove(folder)  # an unfinished cache is worth nothing: leave no half of one behind
+        raise
     return _open(folder)
 
 
@@ -150,6 +155,7 @@ def _open(folder: Path, quiet: bool = False):
         remove(meta_path)
         return None
     (train_x, train_y), (val_x, val_y) = arrays
+    mark_used(folder)
     return train_x, train_y, val_x, val_y
 
 

@@ -120,3 +120,29 @@ def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+
+
+def plot_leaderboard(rows: list[dict], front: list[dict], path: Path) -> None:
+    """Test accuracy (95% interval) against train seconds, one point per leaderboard row, with the
+    Pareto front: the rows that no other row beats on both."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for row in rows:
+        if row["train_seconds"] is None:
+            continue
+        acc = row["accuracy_mean"]
+        err = [[max(0.0, acc - row["accuracy_ci95_low"])], [max(0.0, row["accuracy_ci95_high"] - acc)]]
+        ax.errorbar(row["train_seconds"], acc, yerr=err, fmt="o", capsize=4, color=MODE_COLORS.get(row["mode"]),
+                    markeredgecolor="black" if row["best"] else None)
+        label = f"{short_label(str(row['model']), 18)} {row['mode']}"
+        label += "".join(f" {k.split('.')[-1]}={v}" for k, v in row["params"].items() if k != "model")
+        ax.annotate(short_label(label, 40), (row["train_seconds"], acc), textcoords="offset points",
+                    xytext=(5, 4), fontsize=7)
+    if front:
+        ax.step([r["train_seconds"] for r in front], [r["accuracy_mean"] for r in front], where="post",
+                color="black", alpha=0.4, linestyle="--", label="Pareto front")
+        ax.legend(loc="lower right")
+    ax.set_xscale("log")
+    ax.set(xlabel="train seconds (mean over seeds, log scale)", ylabel="test accuracy (mean, 95% interval)",
+           title=f"leaderboard: {len(rows)} rows")
+    ax.grid(alpha=0.3)
+    _save(fig, path)

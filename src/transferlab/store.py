@@ -29,6 +29,7 @@ from filelock import FileLock
 from PIL import Image
 from tqdm import tqdm
 
+from transferlab.caches import mark_used
 from transferlab.errors import UserError, warn
 from transferlab.files import (
     DiskFullError,
@@ -135,6 +136,7 @@ def open_store(samples: list[Sample], min_side: int, cache_dir: str | Path, work
     folder.parent.mkdir(parents=True, exist_ok=True)
     index = _read_complete(folder, key)
     if index is not None:
+        mark_used(folder)
         return ImageStore(folder, key, index)
     lock = FileLock(str(folder) + ".lock")
     try:
