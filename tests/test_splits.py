@@ -118,3 +118,14 @@ def test_decompression_bomb_is_skipped_not_decoded(tmp_path, monkeypatch):
     _, report = make_splits(raw, 0.2, 0.2, seed=0)
     assert "decompression-bomb guard" in reasons(report)["huge.jpg"]
     assert "120000 pixels" in reasons(report)["huge.jpg"]
+
+
+def test_the_test_split_of_a_class_folder_layout_stays_with_the_seed(tmp_path):
+    raw = tmp_path / "raw"
+    for name, color in CLASS_COLORS.items():
+        for i in range(20):
+            make_image(raw / name / f"{i}.png", color, seed=i + len(name) * 100)
+    first, _ = make_splits(raw, 0.2, 0.2, seed=1)
+    other, _ = make_splits(raw, 0.2, 0.2, seed=2)
+    assert first["test"] == other["test"] and first["val"] != other["val"]
+    assert make_splits(raw, 0.2, 0.2, seed=1, test_seed=5)[0]["test"] != first["test"]

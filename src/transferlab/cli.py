@@ -5,6 +5,8 @@
     transferlab cache [--prune DAYS]      # what the cache holds; delete what was unused for DAYS
     transferlab compare                   # every experiment of this baseline -> leaderboard.{md,json,png}
     transferlab compare main my-exp       # does my-exp beat main, by how much, and how sure?
+    transferlab predict models/finetune.pt photos/ --csv out.csv --grid out.png
+    transferlab export models/finetune.pt --out model.onnx
 """
 from __future__ import annotations
 
@@ -69,6 +71,56 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def predict(args: argparse.Namespace) -> int:
+    """Classify images (files, folders, globs) with a trained checkpoint: class, confidence and
+    top-k per image, preprocessed exactly as evaluate does; unreadable images are reported."""
+    import csv
+    import json
+
+    from transferlab.files import atomic_writer
+    from transferlab.predict import Classifier
+
+    classifier = Classifier.load(args.checkpoint, args.device)
+    results = classifier.predict(args.images, args.top_k, args.batch_size)
+    if not results:
+        raise UserError(f"no images found in {' '.join(args.images)}")
+    width = max(len(r.path) for r in results)
+    for r in results:
+        top = ", ".join(f"{label} {p:.2f}" for label, p in r.top)
+        print(f"{r.path:<{width}}  {r.label} {r.confidence:.3f}  ({top})" if r.error is None
+              else f"{r.path:<{width}}  skipped: {r.error}")
+    rows = [{"path": r.path, "label": r.label, "confidence": r.confidence,
+             "top": [{"label": label, "probability": p} for label, p in r.top], "error": r.error} for r in results]
+    if args.json:
+        with atomic_writer(args.json) as f:
+            json.dump(rows, f, indent=2)
+    if args.csv:
+        with atomic_writer(args.csv, newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "label", "confidence", "top", "error"])
+            for r in results:
+                writer.writerow([r.path, r.label or "", "" if r.confidence is None else f"{r.confidence:.4f}",
+                                 " ".join(f"{label}:{p:.4f}" for label, p in r.top), r.error or ""])
+    if args.grid:
+        from transferlab.figures import plot_predictions
+
+        plot_predictions([r for r in results if r.error is None], args.grid, Path(args.checkpoint).name)
+    skipped = sum(r.error is not None for r in results)
+    print(f"{len(results) - skipped} images classified{f', {skipped} skipped' if skipped else ''}", file=sys.stderr)
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    """Write a checkpoint as ONNX (classes and preprocessing in its metadata), then check it with
+    onnxruntime against PyTorch's outputs."""
+    from transferlab.export import export_onnx, validate_onnx
+
+    out = export_onnx(args.checkpoint, args.out)
+    error = validate_onnx(args.checkpoint, out)
+    print(f"wrote {out}; onnxruntime matches PyTorch within {error:.1e} of the logits' scale")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transferlab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,6 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "of the current baseline, as dvc exp show lists them)")
     ranking.add_argument("--out", default=".", help="folder for leaderboard.md/.json/.png (default: here)")
     ranking.set_defaults(run=compare)
+    classify = verbs.add_parser("predict", help="classify images with a trained checkpoint",
+                                description=predict.__doc__ + "\n\nexample: transferlab predict models/finetune.pt "
+                                "photos/ 'more/*.jpg' --csv predictions.csv --grid predictions.png",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    classify.add_argument("checkpoint", help="models/MODE.pt, as the train stage writes it")
+    classify.add_argument("images", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    classify.add_argument("--top-k", type=int, default=3)
+    classify.add_argument("--batch-size", type=int, default=16)
+    classify.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
+    classify.add_argument("--csv", help="also write the predictions as CSV")
+    classify.add_argument("--json", help="also write the predictions as JSON")
+    classify.add_argument("--grid", help="also draw the images with their predicted labels (PNG)")
+    classify.set_defaults(run=predict)
+    exporting = verbs.add_parser("export", help="write a checkpoint as ONNX and check it against PyTorch",
+                                 description=export.__doc__ + "\n\nexample: transferlab export models/finetune.pt "
+                                 "--out finetune.onnx", formatter_class=argparse.RawDescriptionHelpFormatter)
+    exporting.add_argument("checkpoint")
+    exporting.add_argument("--out", required=True, help="the .onnx file to write")
+    exporting.set_defaults(run=export)
     return parser
 
 

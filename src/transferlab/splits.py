@@ -89,11 +89,13 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int, name: st
     return _sorted(rest), _sorted(part)
 
 
-def make_splits(raw: Path, val_fraction: float, test_fraction: float, seed: int) -> tuple[dict[str, list[Sample]], dict]:
+def make_splits(raw: Path, val_fraction: float, test_fraction: float, seed: int,
+                test_seed: int = 0) -> tuple[dict[str, list[Sample]], dict]:
     """Split the fetched folder `raw` into train/val/test and describe what was done.
 
     `raw/train` and `raw/val` (the tutorial's layout): test = val/, val = a stratified part of
-    train/. Otherwise `raw/<class>/` folders: test and val are both split off.
+    train/. Otherwise `raw/<class>/` folders: test and val are both split off, test with its own
+    `test_seed`, so that runs with different `seed`s are scored on the same test images.
     """
     if (raw / "train").is_dir():
         layout = "train/ and val/ folders" if (raw / "val").is_dir() else "train/ folder only"
@@ -113,7 +115,7 @@ def make_splits(raw: Path, val_fraction: float, test_fraction: float, seed: int)
                          f"classifier needs at least 2 class folders. {len(skipped)} files were "
                          f"skipped{', e.g. ' + examples if examples else ''}")
     if not test:
-        pool, test = stratified_split(pool, test_fraction, seed, "test")
+        pool, test = stratified_split(pool, test_fraction, test_seed, "test")
     train, val = stratified_split(pool, val_fraction, seed, "val")
     splits = {"train": train, "val": val, "test": _sorted(test)}
     report = {

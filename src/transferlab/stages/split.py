@@ -14,7 +14,8 @@ SPLIT_DIR = Path("data/split")
 def main() -> None:
     require_inputs({str(RAW_DIR): "fetch"})
     params = load_params(check_model=False)  # builds no model: starts without torchvision
-    splits, report = make_splits(RAW_DIR, params.split.val_fraction, params.split.test_fraction, params.seed)
+    split = params.split
+    splits, report = make_splits(RAW_DIR, split.val_fraction, split.test_fraction, params.seed, split.test_seed)
     with signals_deferred(), atomic_dir(SPLIT_DIR) as out:  # the four files replaced together
         for name, samples in splits.items():
             write_split(out / f"{name}.csv", samples)
