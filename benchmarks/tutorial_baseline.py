@@ -73,7 +73,7 @@ def main() -> None:
     seed_everything(args.seed)
     split = Path(args.split_dir)
     classes = json.loads((split / "report.json").read_text())["classes"]
-    built = build_for_mode(args.model, len(classes), args.mode)
+    built = build_for_mode(args.model, len(classes), args.mode, freeze="all" if args.mode == "extract" else "none")
     model, pre = built.model.to(device), built.preprocess
     train_tf, val_tf = tutorial_transforms(pre.crop_size, pre.mean, pre.std)
     with tempfile.TemporaryDirectory() as links:

@@ -134,3 +134,39 @@ def test_an_unreadable_resume_state_is_removed_and_training_starts_at_epoch_1(tm
     err = capfd.readouterr()
     assert "this ran" not in err.out
     assert f"{resume}: unreadable resume state" in err.err and "training starts again at epoch 1" in err.err
+
+
+def test_onecycle_steps_per_batch_and_warm_up_per_epoch(loaders_data):
+    model = tiny_net()
+    optimizer = make_optimizer([{"params": list(model[:2].parameters()), "lr": 0.01},
+                                {"params": list(model[5].parameters()), "lr": 0.1}], "adam", 0.1, 0.9, 0.0)
+    schedule = make_scheduler(optimizer, "onecycle", epochs=2, step_size=1, gamma=0.5, steps_per_epoch=6)
+    lrs = []
+    for _ in range(12):
+        optimizer.step()
+        schedule.step()
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+    peak = max(range(12), key=lambda i: lrs[i][1])
+    assert 0 < peak < 11 and lrs[-1][1] < lrs[0][1] and lrs[3][1] / lrs[3][0] == pytest.approx(10)
+    warm = make_scheduler(make_optimizer(list(tiny_net().parameters()), "sgd", 0.1, 0.9, 0.0), "cosine", 6, 1, 0.5,
+                          warmup_epochs=2)
+    seen = []
+    for _ in range(6):
+        seen.append(warm.optimizer.param_groups[0]["lr"])
+        warm.optimizer.step()
+        warm.step()
+    assert seen[0] == pytest.approx(0.01) and seen[2] == pytest.approx(0.1) and seen[5] < seen[3]
+
+
+def test_fit_with_onecycle_ends_at_a_tiny_lr(loaders_data):
+    seed_everything(0)
+    hw = pick_hardware("cpu", "fp32", False, 0)
+    train, val, store = loaders_data
+    train_loader = make_loader(ImageDataset(train, CLASSES, build_transform(PRE, True), store), 4, True, 0)
+    val_loader = make_loader(ImageDataset(val, CLASSES, build_transform(PRE, False), store), 4, False, 0)
+    model = tiny_net()
+    optimizer = make_optimizer(list(model.parameters()), "sgd", 0.05, 0.9, 0.0)
+    schedule = make_scheduler(optimizer, "onecycle", 3, 1, 0.5, steps_per_epoch=len(train_loader))
+    fit(model, train_loader, val_loader, optimizer, schedule, 3, hw)
+    assert schedule.last_epoch == 3 * len(train_loader)  # stepped after every batch
+    assert optimizer.param_groups[0]["lr"] < 0.05 / 25  # annealed below where it started

@@ -26,7 +26,7 @@ def samples(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["squeezenet", "resnet", "inception", "vit_b_16"])
 def test_head_on_embeddings_reproduces_the_model(name):
-    built = build_model(name, 2, pretrained=False, train_backbone=False)
+    built = build_model(name, 2, pretrained=False, freeze="all")
     model = built.model.eval()
     head_only = split_off_head(model, built.head_names[-1])
     captured = []
@@ -41,7 +41,7 @@ def test_head_on_embeddings_reproduces_the_model(name):
 def test_head_trained_on_cached_embeddings_drives_the_full_model(samples, tmp_path, tensor_batches):
     seed_everything(0)
     hw = replace(pick_hardware("cpu", "fp32", True, 0), tensor_batches=tensor_batches)
-    built = build_model("resnet", 2, pretrained=False, train_backbone=False)
+    built = build_model("resnet", 2, pretrained=False, freeze="all")
     train, val = samples
     source = ImageSource(open_store(train + val, built.preprocess.resize_size, tmp_path))
 
@@ -68,7 +68,7 @@ def test_head_trained_on_cached_embeddings_drives_the_full_model(samples, tmp_pa
 @pytest.mark.parametrize("damage", ["truncated", "flipped bytes", "no meta"])
 def test_a_damaged_embedding_cache_is_rebuilt(samples, tmp_path, capfd, damage):
     hw = pick_hardware("cpu", "fp32", False, 0)
-    built = build_model("resnet", 2, pretrained=False, train_backbone=False)
+    built = build_model("resnet", 2, pretrained=False, freeze="all")
     train, val = samples
     source = ImageSource(open_store(train + val, built.preprocess.resize_size, tmp_path))
 

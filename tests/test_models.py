@@ -2,11 +2,13 @@ import os
 
 import pytest
 import torch
-from conftest import write_test_weights
+from conftest import ROOT, write_test_weights
 from torch import nn
 
 from transferlab.engine import split_outputs
-from transferlab.models import (ALIASES, LITE0, WeightsUnavailable, build_for_mode, build_model, rebuild_model,
+from transferlab.params import load_params
+from transferlab.models import (ALIASES, LITE0, HeadSpec, WeightsUnavailable, build_for_mode, build_model, describe,
+                                head_of, rebuild_model,
                                 resolve_model_name, trainable_parameters, weights_cache_path)
 
 # The tutorial's six names, plus other families whose heads sit elsewhere.
@@ -23,7 +25,7 @@ def forward(model: nn.Module, crop: int, train: bool) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_head_replaced_and_only_head_trains_in_extract_mode(name):
-    built = build_model(name, num_classes=3, pretrained=False, train_backbone=False)
+    built = build_model(name, num_classes=3, pretrained=False, freeze="all")
     logits, _ = forward(built.model, built.preprocess.crop_size, train=False)
     assert logits.shape == (2, 3)
     trainable = {n for n, p in built.model.named_parameters() if p.requires_grad}
@@ -55,7 +57,8 @@ def test_squeezenet_conv_head_is_replaced():
 @pytest.mark.parametrize("mode, backbone_trains", [("finetune", True), ("extract", False), ("scratch", True)])
 def test_modes_decide_weights_and_what_trains(torch_home, mode, backbone_trains):
     cached = torch.load(write_test_weights(torch_home, "resnet18"), weights_only=True)
-    built = build_for_mode("resnet", 2, mode)
+    freeze = load_params(ROOT / "params.yaml", check_model=False).for_mode(mode).freeze  # as the project sets it
+    built = build_for_mode("resnet", 2, mode, freeze=freeze)
     conv = built.model.conv1.weight
     assert torch.equal(conv, cached["conv1.weight"]) == (mode != "scratch")
     assert conv.requires_grad == backbone_trains
@@ -113,3 +116,31 @@ def test_rebuilt_architecture_loads_the_trained_state(name):
 def test_unknown_model_suggests_the_closest_names():
     with pytest.raises(ValueError, match="did you mean .*resnet18"):
         resolve_model_name("resnet19")
+
+
+@pytest.mark.parametrize("freeze, frozen_layers", [(0.5, {"conv1", "bn1", "layer1", "layer2"}),
+                                                    ("layer1", {"conv1", "bn1", "layer1"}),
+                                                    ("all", {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"}),
+                                                    ("none", set())])
+def test_partial_freezing_by_fraction_or_layer_name(freeze, frozen_layers):
+    built = build_model("resnet", 2, pretrained=False, freeze=freeze)
+    frozen = {n.split(".")[0] for n, p in built.model.named_parameters() if not p.requires_grad}
+    assert frozen == frozen_layers
+    assert built.model.fc.weight.requires_grad
+
+
+def test_freezing_an_unknown_layer_lists_the_real_ones():
+    with pytest.raises(ValueError, match="no layer 'layer9'.*top-level layers are conv1, bn1, layer1.*did you mean"):
+        build_model("resnet", 2, pretrained=False, freeze="layer9")
+
+
+@pytest.mark.parametrize("name", ["resnet", "squeezenet", "inception"])
+def test_mlp_head_with_dropout_and_its_rebuild(name):
+    head = HeadSpec((32, 16), 0.5)
+    built = build_model(name, 3, pretrained=False, freeze="all", head=head)
+    main = built.model.get_submodule(built.head_names[-1])
+    assert isinstance(main, nn.Sequential) and sum(isinstance(m, nn.Dropout) for m in main) == 2
+    logits, _ = forward(built.model, built.preprocess.crop_size, train=False)
+    assert logits.shape == (2, 3)
+    rebuilt = rebuild_model(built.arch, built.arch_kwargs, 3, head_of(describe(built)))
+    rebuilt.load_state_dict(built.model.state_dict())

@@ -1,5 +1,7 @@
+import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,8 +22,8 @@ def test_project_params_load_with_tutorial_defaults():
     assert params.model == "squeezenet"
     assert (params.train.batch_size, params.train.epochs, params.train.lr, params.train.momentum) == (8, 15, 0.001, 0.9)
     assert params.data.url == "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
-    for mode in MODES:
-        assert params.for_mode(mode) == params.train
+    assert params.for_mode("finetune") == params.for_mode("scratch") == params.train
+    assert params.for_mode("extract") == replace(params.train, freeze="all")  # what extract means
 
 
 def test_mode_overrides_apply_to_that_mode_only(raw):
@@ -50,7 +52,7 @@ def test_exponent_without_dot_is_a_float(raw):
     (lambda r: r["train"].update(batch_size=-8), "train.batch_size", "greater than 0"),
     (lambda r: r["train"].update(lr=-0.001), "train.lr", "greater than 0"),
     (lambda r: r["train"].update(momentum=-1), "train.momentum", "0 or more"),
-    (lambda r: r["train"].update(optimizer="adam"), "train.optimizer", "sgd, adamw"),
+    (lambda r: r["train"].update(optimizer="adamax"), "train.optimizer", "sgd, adam, adamw"),
     (lambda r: r["train"].update(channels_last="maybe"), "train.channels_last", "true or false"),
     (lambda r: r["train"].update(keep_freed_memory="yes"), "train.keep_freed_memory", "true or false"),
     (lambda r: r["train"].update(workers=-1), "train.workers", "0 or more"),
@@ -96,3 +98,27 @@ def test_stages_that_build_no_model_skip_its_check_and_torch(raw):
     code = ("import sys; from transferlab.params import load_params; "
             f"load_params({str(ROOT / 'params.yaml')!r}, check_model=False); print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_recipe_params_are_checked(raw):
+    raw["finetune"].update(freeze=0.5, head_epochs=2, backbone_lr_factor=0.1)
+    raw["train"].update(head="mlp", head_hidden=[256, 64], optimizer="adam", scheduler="onecycle")
+    params = parse_params(raw, check_model=False)
+    finetune = params.for_mode("finetune")
+    assert (finetune.freeze, finetune.head_epochs, finetune.backbone_lr_factor) == (0.5, 2, 0.1)
+    assert params.train.head_hidden == (256, 64) and params.for_mode("extract").freeze == "all"
+    assert parse_params({**raw, "finetune": {"freeze": "layer2"}}, check_model=False).finetune.freeze == "layer2"
+
+
+@pytest.mark.parametrize("edit, key, words", [
+    (lambda r: r["scratch"].update(freeze="all"), "scratch.freeze", "frozen random weights learn nothing"),
+    (lambda r: r["finetune"].update(freeze=1.5), "finetune.freeze", "lies in [0, 1]"),
+    (lambda r: r["train"].update(head_hidden=[0]), "train.head_hidden", "positive layer sizes"),
+    (lambda r: r["train"].update(head_hidden=256), "train.head_hidden", "expected a list"),
+    (lambda r: r["train"].update(scheduler="onecycle", warmup_epochs=2), "train.warmup_epochs", "onecycle"),
+    (lambda r: r["train"].update(backbone_lr_factor=0), "train.backbone_lr_factor", "greater than 0"),
+])
+def test_recipe_mistakes_name_the_key(raw, edit, key, words):
+    edit(raw)
+    with pytest.raises(ParamsError, match=f"^{re.escape(key)}: .*{re.escape(words)}"):
+        parse_params(raw, check_model=False)

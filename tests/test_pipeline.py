@@ -1,6 +1,7 @@
 """The real pipeline, end to end: dvc repro, dvc exp run -S model=..., dvc metrics diff."""
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,15 @@ def commit(project, message):
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run(git + ["add", "-A"], cwd=project, check=True)
     subprocess.run(git + ["commit", "-qm", message], cwd=project, check=True)
+
+
+def reflinks(folder: Path) -> bool:
+    """Whether this filesystem can clone files (then DVC links by reflink, not hard link)."""
+    (folder / ".probe").write_text("x")
+    cloned = subprocess.run(["cp", "--reflink=always", folder / ".probe", folder / ".probe2"], capture_output=True)
+    for name in (".probe", ".probe2"):
+        (folder / name).unlink(missing_ok=True)
+    return cloned.returncode == 0
 
 
 def test_repro_then_experiment_then_metrics_diff(tmp_path):
@@ -75,6 +85,15 @@ def test_repro_then_experiment_then_metrics_diff(tmp_path):
     for png in ("val_accuracy", "loss", "test_accuracy", "confusion", "test_predictions"):
         assert (project / f"plots/{png}.png").read_bytes()[:4] == b"\x89PNG"
 
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], project, env).stdout
+    # The cache links (.dvc/config: reflink, else hardlink): data/raw costs its size once on disk.
+    image = next((project / "data/raw").rglob("*.jpg"))
+    if not reflinks(project):
+        assert image.stat().st_nlink == 2, "data/raw is a copy of DVC's cache, not a link to it"
+    shutil.rmtree(project / "data/raw")
+    (project / "models/finetune.pt").unlink()
+    run(["dvc", "checkout"], project, env)
+    assert image.exists() and (project / "models/finetune.pt").exists()
     assert "Data and pipelines are up to date" in run(["dvc", "status"], project, env).stdout
     commit(project, "squeezenet baseline")
 

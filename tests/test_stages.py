@@ -215,3 +215,24 @@ def test_a_full_disk_says_so_and_keeps_the_outputs(finished, small_disk):
     assert "unchanged, as the last finished run left them: models/extract.pt" in message
     assert_nothing_lost(project, good)
     assert not [p for p in small_disk.rglob(".*.tmp")]  # nothing half-written stays behind
+
+
+def test_training_recipes_through_dvc_exp_run_and_compare_ranks_them(finished, tmp_path):
+    """fastai's fine_tune (head first, then unfrozen), partial freezing, discriminative lrs, an MLP
+    head, Adam and one-cycle, as a user sets them; evaluate reads the MLP head from the checkpoint."""
+    project, env, _ = finished
+    result = run(["dvc", "exp", "run", "-n", "recipes", "-S", "train.head=mlp", "-S", "train.head_hidden=[32]",
+                  "-S", "train.optimizer=adam", "-S", "train.scheduler=onecycle", "-S", "finetune.head_epochs=1",
+                  "-S", "finetune.freeze=0.5", "-S", "finetune.backbone_lr_factor=0.1"], project, env)
+    assert "the head alone first, on the frozen backbone: 1 epochs" in result.stdout
+    report = json.loads((project / "reports/train/finetune.json").read_text())
+    assert report["epochs"] == 3 and 0 < report["trainable_parameters"] < report["parameters"]
+    checkpoint = __import__("torch").load(project / "models/finetune.pt", weights_only=True)
+    assert checkpoint["head"] == {"hidden": [32], "dropout": 0.5}
+    out = run(["transferlab", "compare", "HEAD", "recipes", "--out", str(tmp_path)], project, env).stdout
+    rows = json.loads((tmp_path / "leaderboard.json").read_text())
+    assert {(r["mode"], r["params"].get("train.head")) for r in rows} >= {("finetune", "linear"), ("finetune", "mlp")}
+    assert "recipes against HEAD" in out
+    restore_params(project)
+    git(project, "checkout", "--", ".")
+    run(["dvc", "checkout", "-q"], project, env)

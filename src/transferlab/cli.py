@@ -44,8 +44,15 @@ def compare(args: argparse.Namespace) -> int:
     """Rank experiments (all of the current baseline's, or the revisions and experiment names given)
     on the same test images: one row per model, mode and differing params, seeds pooled; a paired
     test against the best. With two revisions, also: does the second beat the first?"""
-    from transferlab.compare import (baseline_runs, head_to_head, leaderboard, markdown, read_run, resolve,
-                                     write_leaderboard)
+    from transferlab.compare import (
+        baseline_runs,
+        head_to_head,
+        leaderboard,
+        markdown,
+        read_run,
+        resolve,
+        write_leaderboard,
+    )
     from transferlab.errors import warn
 
     cwd = Path.cwd()

@@ -40,24 +40,40 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def make_optimizer(params: list[nn.Parameter], name: str, lr: float, momentum: float,
+def make_optimizer(params: list[nn.Parameter] | list[dict], name: str, lr: float, momentum: float,
                    weight_decay: float) -> torch.optim.Optimizer:
+    """`params` may be groups with their own "lr" (discriminative learning rates)."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":  # momentum is Adam's beta1, the same role
+        return torch.optim.Adam(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; valid: sgd, adamw")
+        return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; valid: sgd, adam, adamw")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int, step_size: int,
-                   gamma: float) -> torch.optim.lr_scheduler.LRScheduler | None:
-    if name == "none":
-        return None
-    if name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    raise ValueError(f"unknown scheduler {name!r}; valid: none, step, cosine")
+def make_scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int, step_size: int, gamma: float,
+                   warmup_epochs: int = 0, steps_per_epoch: int = 1) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The lr schedule: stepped once per epoch, except onecycle, stepped after every batch (`fit`
+    knows). A warm-up raises the lr linearly from a tenth over `warmup_epochs` epochs first."""
+    lr_scheduler = torch.optim.lr_scheduler
+    if name == "onecycle":
+        return lr_scheduler.OneCycleLR(optimizer, max_lr=[group["lr"] for group in optimizer.param_groups],
+                                       total_steps=epochs * steps_per_epoch)
+    main_epochs = max(1, epochs - warmup_epochs)
+    schedules = {"none": None, "step": lambda: lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma),
+                 "cosine": lambda: lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_epochs)}
+    if name not in schedules:
+        raise ValueError(f"unknown scheduler {name!r}; valid: none, step, cosine, onecycle")
+    main = schedules[name]() if schedules[name] else None
+    if not warmup_epochs:
+        return main
+    warm = lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=warmup_epochs)
+    return warm if main is None else lr_scheduler.SequentialLR(optimizer, [warm, main], milestones=[warmup_epochs])
+
+
+def steps_per_batch(scheduler) -> bool:
+    return isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
 
 
 @dataclass
@@ -99,7 +115,7 @@ def set_train_mode(model: nn.Module) -> None:
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, hw: Hardware,
                     scaler: torch.amp.GradScaler, aux_loss_weight: float = 0.4,
-                    desc: str = "train") -> EpochStats:
+                    desc: str = "train", batch_scheduler=None) -> EpochStats:
     set_train_mode(model)
     criterion = nn.CrossEntropyLoss()
     # Loss and hits add up on the device and are read once, at the end: a read per step would make
@@ -116,6 +132,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if batch_scheduler is not None:
+            batch_scheduler.step()
         total_loss += loss.detach() * len(targets)
         correct += (logits.argmax(1) == targets).sum()
         seen += len(targets)
@@ -149,6 +167,13 @@ class FitResult:
     best_val: EpochStats | None = None
     history: list[dict] = field(default_factory=list)
 
+    def after(self, earlier: list[dict]) -> None:
+        """Put epochs of an earlier phase (the head alone) before these, numbering on from them."""
+        for record in self.history:
+            record["epoch"] += len(earlier)
+        self.history[:0] = earlier
+        self.best_epoch += len(earlier)
+
     def consider(self, epoch: int, val: EpochStats, model: nn.Module) -> None:
         """Keep `model`'s weights if this epoch has the best val accuracy so far (then lowest loss)."""
         if self.best_val is None or (val.accuracy, -val.loss) > (self.best_val.accuracy, -self.best_val.loss):
@@ -177,9 +202,10 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optim
         for record in result.history:
             on_epoch(record)
     for epoch in range(len(result.history) + 1, epochs + 1):
+        per_batch = steps_per_batch(scheduler)
         train = train_one_epoch(model, train_loader, optimizer, hw, scaler, aux_loss_weight,
-                                desc=f"epoch {epoch}/{epochs} train")
-        if scheduler is not None:
+                                desc=f"epoch {epoch}/{epochs} train", batch_scheduler=scheduler if per_batch else None)
+        if scheduler is not None and not per_batch:
             scheduler.step()  # once per epoch, after the optimizer's steps
         val = predict(model, val_loader, hw, desc=f"epoch {epoch}/{epochs} val").stats
         record = {"epoch": epoch, "train_loss": train.loss, "train_acc": train.accuracy,

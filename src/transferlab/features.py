@@ -42,7 +42,7 @@ class HeadOnly(nn.Module):
         self.head, self.tail = head, tail
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.tail(self.head(embeddings.to(self.head.weight.dtype)))
+        return self.tail(self.head(embeddings.to(next(self.head.parameters()).dtype)))
 
 
 def split_off_head(model: nn.Module, head_name: str) -> HeadOnly:

@@ -57,6 +57,7 @@ class BuiltModel:
     preprocess: Preprocess
     head_names: list[str]     # modules replaced for the new classes
     weights_id: str | None    # which ImageNet weights it started from (file name), None if random
+    head: "HeadSpec" = None   # the new head's shape
 
 
 class WeightsUnavailable(UserError):
@@ -80,52 +81,65 @@ def resolve_model_name(name: str) -> str:
                      f"classification models works, or {', '.join(LITES)})")
 
 
-# What each training mode means: (start from ImageNet weights, train the backbone too).
-MODES = {"finetune": (True, True), "extract": (True, False), "scratch": (False, True)}
+# Whether each training mode starts from ImageNet weights. Which weights then train is the mode's
+# `freeze` param: extract freezes all of the backbone, finetune none (or part of it), scratch none.
+MODES = {"finetune": True, "extract": True, "scratch": False}
 
 
-def build_for_mode(name: str, num_classes: int, mode: str) -> BuiltModel:
+@dataclass(frozen=True)
+class HeadSpec:
+    """The new classifier head: one linear layer (the tutorial's), or an MLP of `hidden` layers."""
+
+    hidden: tuple[int, ...] = ()
+    dropout: float = 0.0
+
+
+def build_for_mode(name: str, num_classes: int, mode: str, head: HeadSpec = HeadSpec(),
+                   freeze: str | float = "none") -> BuiltModel:
     """The model a training mode starts from."""
-    pretrained, train_backbone = MODES[mode]
-    return build_model(name, num_classes, pretrained, train_backbone)
+    return build_model(name, num_classes, MODES[mode], freeze, head)
 
 
-def build_model(name: str, num_classes: int, pretrained: bool, train_backbone: bool = True) -> BuiltModel:
-    """Build `name` with a fresh `num_classes` head; ImageNet weights if `pretrained`.
-
-    With `train_backbone=False` every parameter but the new head is frozen (feature extraction).
-    """
+def build_model(name: str, num_classes: int, pretrained: bool, freeze: str | float = "none",
+                head: HeadSpec = HeadSpec()) -> BuiltModel:
+    """Build `name` with a fresh `num_classes` head; ImageNet weights if `pretrained`; the backbone
+    frozen as `freeze` says (none, all, a fraction of its depth, or up to a named layer)."""
     arch = resolve_model_name(name)
     if arch in LITES:
         model, preprocess, weights_id = _lite(arch, pretrained)
     else:
         model, preprocess, weights_id = _torchvision(arch, pretrained)
     arch_kwargs = {k: getattr(model, k) for k in _ARCH_KWARGS if hasattr(model, k)}
-    head_names = replace_heads(model, num_classes)
-    if not train_backbone:
-        freeze_all_but(model, head_names)
-    return BuiltModel(model, arch, arch_kwargs, preprocess, head_names, weights_id if pretrained else None)
+    head_names = replace_heads(model, num_classes, head)
+    freeze_backbone(model, head_names, freeze)
+    return BuiltModel(model, arch, arch_kwargs, preprocess, head_names, weights_id if pretrained else None, head)
 
 
-def rebuild_model(arch: str, arch_kwargs: dict, num_classes: int) -> nn.Module:
+def rebuild_model(arch: str, arch_kwargs: dict, num_classes: int, head: HeadSpec = HeadSpec()) -> nn.Module:
     """The architecture of a checkpoint, random-initialised, ready for its state dict."""
     if arch in LITES:
         model = _lite(arch, pretrained=False)[0]
     else:
         model = get_model(arch, weights=None, **arch_kwargs)
-    replace_heads(model, num_classes)
+    replace_heads(model, num_classes, head)
     return model
 
 
-def replace_heads(model: nn.Module, num_classes: int) -> list[str]:
-    """Swap every layer that emits the ImageNet logits for a new one emitting `num_classes`."""
+def replace_heads(model: nn.Module, num_classes: int, head: HeadSpec = HeadSpec()) -> list[str]:
+    """Swap every layer that emits the ImageNet logits for a new head emitting `num_classes`."""
     names = []
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and module.out_features == IMAGENET_CLASSES:
-            new = nn.Linear(module.in_features, num_classes, bias=module.bias is not None)
+            widths = [module.in_features, *head.hidden]
+            layers = [nn.Linear(a, b) for a, b in zip(widths, widths[1:])]
+            new = _mlp(layers, nn.Linear(widths[-1], num_classes, bias=module.bias is not None), head.dropout)
         elif isinstance(module, nn.Conv2d) and module.out_channels == IMAGENET_CLASSES:
-            new = nn.Conv2d(module.in_channels, num_classes, module.kernel_size, module.stride,
-                            module.padding, bias=module.bias is not None)
+            # squeezenet's conv head: the first layer keeps its geometry, the others are 1x1.
+            widths = [module.in_channels, *head.hidden, num_classes]
+            convs = [nn.Conv2d(a, b, module.kernel_size if i == 0 else 1, module.stride if i == 0 else 1,
+                               module.padding if i == 0 else 0, bias=module.bias is not None or i < len(widths) - 2)
+                     for i, (a, b) in enumerate(zip(widths, widths[1:]))]
+            new = _mlp(convs[:-1], convs[-1], head.dropout)
         else:
             continue
         _set_submodule(model, name, new)
@@ -134,6 +148,40 @@ def replace_heads(model: nn.Module, num_classes: int) -> list[str]:
         raise ValueError(f"found no layer with {IMAGENET_CLASSES} outputs to replace in "
                          f"{type(model).__name__}; is it an ImageNet classification model?")
     return names
+
+
+def _mlp(hidden: list[nn.Module], last: nn.Module, dropout: float) -> nn.Module:
+    if not hidden:
+        return last
+    layers = [module for layer in hidden for module in (layer, nn.ReLU(inplace=True), nn.Dropout(dropout))]
+    return nn.Sequential(*layers, last)
+
+
+def freeze_backbone(model: nn.Module, head_names: list[str], freeze: str | float) -> None:
+    """requires_grad=False for the backbone weights `freeze` names: none, all, the first `freeze`
+    fraction of them in the order the model defines them (its depth), or those up to and including
+    the layer named `freeze`. The heads always train."""
+    heads = tuple(f"{name}." for name in head_names)
+    backbone = [(n, p) for n, p in model.named_parameters() if not n.startswith(heads)]
+    if freeze in ("none", 0, 0.0):
+        count = 0
+    elif freeze == "all":
+        count = len(backbone)
+    elif isinstance(freeze, float):
+        count = round(freeze * len(backbone))
+    else:
+        inside = [i for i, (n, _) in enumerate(backbone) if n.startswith(f"{freeze}.")]
+        if not inside:
+            layers = [n for n, m in model.named_children()
+                      if any(True for _ in m.parameters()) and f"{n}." not in heads and n not in head_names]
+            names = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters())]
+            close = difflib.get_close_matches(str(freeze), names, n=3)
+            raise ValueError(f"freeze: no layer {freeze!r} with weights in {type(model).__name__}; its top-level "
+                             f"layers are {', '.join(layers)}{'; did you mean ' + ', '.join(close) + '?' if close else ''}")
+        count = inside[-1] + 1
+    model.requires_grad_(True)
+    for _, parameter in backbone[:count]:
+        parameter.requires_grad_(False)
 
 
 def freeze_all_but(model: nn.Module, trainable: list[str]) -> None:
@@ -145,6 +193,16 @@ def freeze_all_but(model: nn.Module, trainable: list[str]) -> None:
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def parameter_groups(model: nn.Module, built: BuiltModel, lr: float, backbone_lr_factor: float) -> list[dict]:
+    """`model`'s trainable parameters in two groups: the new head's at `lr`, the backbone's at
+    `lr * backbone_lr_factor` (discriminative learning rates). `model` may be the head alone."""
+    head = {id(p) for name in built.head_names for p in built.model.get_submodule(name).parameters()}
+    trainable = trainable_parameters(model)
+    groups = [{"params": [p for p in trainable if id(p) in head], "lr": lr},
+              {"params": [p for p in trainable if id(p) not in head], "lr": lr * backbone_lr_factor}]
+    return [group for group in groups if group["params"]]
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -211,4 +269,12 @@ def _lite(arch: str, pretrained: bool) -> tuple[nn.Module, Preprocess, str]:
 
 def describe(built: BuiltModel) -> dict:
     """What a checkpoint must carry to rebuild and feed this model."""
-    return {"arch": built.arch, "arch_kwargs": built.arch_kwargs, "preprocess": asdict(built.preprocess)}
+    head = asdict(built.head or HeadSpec())
+    return {"arch": built.arch, "arch_kwargs": built.arch_kwargs, "preprocess": asdict(built.preprocess),
+            "head": {"hidden": list(head["hidden"]), "dropout": head["dropout"]}}
+
+
+def head_of(checkpoint: dict) -> HeadSpec:
+    """The head a checkpoint was trained with (a linear one in checkpoints older than heads)."""
+    head = checkpoint.get("head") or {}
+    return HeadSpec(tuple(head.get("hidden", ())), head.get("dropout", 0.0))

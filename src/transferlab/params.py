@@ -53,13 +53,20 @@ class SplitParams:
 class TrainParams:
     epochs: int
     batch_size: int
-    optimizer: Literal["sgd", "adamw"]
+    optimizer: Literal["sgd", "adam", "adamw"]
     lr: float
     momentum: float
     weight_decay: float
-    scheduler: Literal["none", "step", "cosine"]
+    scheduler: Literal["none", "step", "cosine", "onecycle"]
     step_size: int
     gamma: float
+    warmup_epochs: int
+    head: Literal["linear", "mlp"]
+    head_hidden: tuple[int, ...]
+    head_dropout: float
+    freeze: Union[Literal["none", "all"], float, str]
+    backbone_lr_factor: float
+    head_epochs: int
     aux_loss_weight: float
     device: Literal["auto", "cpu", "cuda", "mps"]
     precision: Literal["auto", "fp32", "bf16", "fp16"]
@@ -79,6 +86,21 @@ class TrainParams:
             value = getattr(self, name)
             _require(value >= 0, f"{key}.{name}", f"is {value}; it must be 0 or more")
         _require(0 < self.gamma <= 1, f"{key}.gamma", f"is {self.gamma}; it must lie in (0, 1]")
+        for name in ("warmup_epochs", "head_epochs"):
+            value = getattr(self, name)
+            _require(value >= 0, f"{key}.{name}", f"is {value}; it must be 0 or more")
+        _require(self.backbone_lr_factor > 0, f"{key}.backbone_lr_factor",
+                 f"is {self.backbone_lr_factor}; it must be greater than 0 (freeze the backbone instead)")
+        _require(0 <= self.head_dropout < 1, f"{key}.head_dropout", f"is {self.head_dropout}; it must lie in [0, 1)")
+        _require(all(h > 0 for h in self.head_hidden), f"{key}.head_hidden",
+                 f"is {list(self.head_hidden)}; give positive layer sizes, e.g. [256]")
+        _require(self.head == "linear" or bool(self.head_hidden), f"{key}.head_hidden",
+                 "is empty; an mlp head needs at least one hidden layer size, e.g. [256]")
+        if isinstance(self.freeze, float):
+            _require(0 <= self.freeze <= 1, f"{key}.freeze",
+                     f"is {self.freeze}; a fraction of the backbone lies in [0, 1] (or none, all, a layer name)")
+        _require(not (self.scheduler == "onecycle" and self.warmup_epochs), f"{key}.warmup_epochs",
+                 "must be 0 with scheduler: onecycle, which warms up on its own")
         if self.workers != "auto":
             _require(self.workers >= 0, f"{key}.workers", f"is {self.workers}; use 0 or more, or auto")
 
@@ -115,6 +137,12 @@ class Params:
     def for_mode(self, mode: str) -> TrainParams:
         """The training params of one mode: `train` with that mode's overrides applied."""
         return getattr(self, mode)
+
+    def check(self, key: str) -> None:
+        _require(self.scratch.freeze in ("none", 0.0), "scratch.freeze",
+                 f"is {self.scratch.freeze!r}; frozen random weights learn nothing: set it to none")
+        _require(self.scratch.head_epochs == 0, "scratch.head_epochs",
+                 "must be 0: training the head on a frozen random backbone first buys nothing")
 
 
 def load_params(path: str | Path = "params.yaml", check_model: bool = True) -> Params:
@@ -220,6 +248,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise ParamsError(f"{key}: expected a whole number, got {value!r}")
+    if origin is tuple:  # tuple[int, ...]: a YAML list
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{key}: expected a list, e.g. [256], got {value!r}")
+        return tuple(_coerce(typing.get_args(hint)[0], item, f"{key}[{i}]") for i, item in enumerate(value))
     if hint is float:
         return _as_float(value, key)
     if hint is str:

@@ -51,7 +51,7 @@ class Classifier:
     """A trained checkpoint, ready to classify images."""
 
     def __init__(self, checkpoint: dict, device: str = "auto"):
-        from transferlab.models import Preprocess, rebuild_model
+        from transferlab.models import Preprocess, head_of, rebuild_model
 
         self.checkpoint = checkpoint
         self.classes: list[str] = checkpoint["classes"]
@@ -59,7 +59,7 @@ class Classifier:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
         self.device = torch.device(device)
-        self.model = rebuild_model(checkpoint["arch"], checkpoint["arch_kwargs"], len(self.classes))
+        self.model = rebuild_model(checkpoint["arch"], checkpoint["arch_kwargs"], len(self.classes), head_of(checkpoint))
         self.model.load_state_dict(checkpoint["state_dict"])
         self.model.to(self.device).eval()
 

@@ -6,17 +6,18 @@ import hashlib
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
 
 from transferlab.data import ImageSource
-from transferlab.engine import FitResult, peak_rss_mb
+from transferlab.engine import FitResult, fit, make_optimizer, peak_rss_mb
 from transferlab.errors import warn
 from transferlab.features import feature_loaders
 from transferlab.hardware import Hardware, Workload, decide
 from transferlab.images import Sample
-from transferlab.models import BuiltModel, trainable_parameters
+from transferlab.models import BuiltModel, freeze_all_but, trainable_parameters
 from transferlab.params import TrainParams
 
 
@@ -60,6 +61,29 @@ def prepare(built: BuiltModel, classes: list[str], samples: dict[str, list[Sampl
             return (hw, *prepared)
         warn("feature cache: this model's output is not its head's output; running the backbone every epoch")
     return hw, built.model, image_batches(samples["train"], True), image_batches(samples["val"], False)
+
+
+def train_head_first(built: BuiltModel, classes: list[str], samples: dict[str, list[Sample]], train: TrainParams,
+                     hw: Hardware, seed: int, source: ImageSource, cache_dir: Path) -> list[dict]:
+    """The first part of fastai's fine_tune: the new head alone, on the frozen backbone (over cached
+    embeddings), for train.head_epochs epochs at train.lr. Returns their history; the head's
+    weights stay in `built.model`, and what was trainable before is trainable again."""
+    print(f"the head alone first, on the frozen backbone: {train.head_epochs} epochs", flush=True)
+    trainable = {p: p.requires_grad for p in built.model.parameters()}
+    freeze_all_but(built.model, built.head_names)
+    try:
+        head_train = replace(train, epochs=train.head_epochs, scheduler="none", warmup_epochs=0, cache_features=True)
+        head_hw, model, train_loader, val_loader = prepare(built, classes, samples, head_train, hw, seed, source,
+                                                           cache_dir)
+        optimizer = make_optimizer(trainable_parameters(model), train.optimizer, train.lr, train.momentum,
+                                   train.weight_decay)
+        result = fit(model, train_loader, val_loader, optimizer, None, train.head_epochs, head_hw,
+                     train.aux_loss_weight)
+    finally:
+        for parameter, flag in trainable.items():
+            parameter.requires_grad_(flag)
+    print(f"then with the backbone unfrozen: {train.epochs} epochs", flush=True)
+    return [{**record, "phase": "head"} for record in result.history]
 
 
 def time_inputs(source: ImageSource, samples: list[Sample], classes: list[str], pre, batch_size: int,

@@ -15,7 +15,7 @@ from transferlab.files import load_checkpoint, replaced_together, write_json
 from transferlab.hardware import Hardware, Workload, decide, pick_hardware
 from transferlab.images import Sample, read_split
 from transferlab.metrics import classification_metrics, compare, headline
-from transferlab.models import MODES, Preprocess, rebuild_model
+from transferlab.models import MODES, Preprocess, head_of, rebuild_model
 from transferlab.params import load_params
 from transferlab.stages import cache_dir, require_inputs, run_stage
 
@@ -58,7 +58,7 @@ def main() -> None:
 def predict_test(checkpoint: dict, samples: list[Sample], source: ImageSource, batch_size: int,
                  hw: Hardware) -> tuple[Predictions, Hardware]:
     """The checkpoint's class probabilities for every test image, on the fastest measured settings."""
-    model = rebuild_model(checkpoint["arch"], checkpoint["arch_kwargs"], len(checkpoint["classes"]))
+    model = rebuild_model(checkpoint["arch"], checkpoint["arch_kwargs"], len(checkpoint["classes"]), head_of(checkpoint))
     model.load_state_dict(checkpoint["state_dict"])
     pre = Preprocess(**checkpoint["preprocess"])
     work = Workload(model, pre.crop_size, 0, len(samples), batch_size, batch_size)

@@ -21,10 +21,10 @@ from transferlab.errors import UserError
 from transferlab.files import read_json, replaced_together, save_checkpoint, write_json
 from transferlab.hardware import pick_hardware
 from transferlab.images import samples_digest
-from transferlab.models import MODES, build_for_mode, describe, trainable_parameters
+from transferlab.models import MODES, HeadSpec, build_for_mode, describe, parameter_groups
 from transferlab.params import load_params, to_dict
 from transferlab.stages import RESUME_DIR, cache_dir, require_inputs, run_stage
-from transferlab.training import headline, prepare, resume_file, summary
+from transferlab.training import backbone_trains, headline, prepare, resume_file, summary, train_head_first
 
 SPLIT_DIR = Path("data/split")
 
@@ -41,19 +41,26 @@ def main(mode: str) -> None:
     seed_everything(params.seed, train.deterministic)
     hw = pick_hardware(train.device, train.precision, train.channels_last, train.workers, train.keep_freed_memory)
     classes = read_json(SPLIT_DIR / "report.json")["classes"]
-    built = build_for_mode(params.model, len(classes), mode)
+    mlp = train.head == "mlp"
+    head = HeadSpec(train.head_hidden if mlp else (), train.head_dropout if mlp else 0.0)
+    built = build_for_mode(params.model, len(classes), mode, head, train.freeze)
     samples = read_splits(SPLIT_DIR)
     source = ImageSource(open_split_store(SPLIT_DIR, built.preprocess.resize_size, cache_dir()))
+    head_history = []
+    if train.head_epochs and backbone_trains(built):  # freeze, train the head, then unfreeze
+        head_history = train_head_first(built, classes, samples, train, hw, params.seed, source, cache_dir())
     hw, model, train_loader, val_loader = prepare(built, classes, samples, train, hw, params.seed, source,
                                                   cache_dir())
     data_key = samples_digest(samples["train"] + samples["val"])
-    optimizer = make_optimizer(trainable_parameters(model), train.optimizer, train.lr,
-                               train.momentum, train.weight_decay)
-    scheduler = make_scheduler(optimizer, train.scheduler, train.epochs, train.step_size, train.gamma)
+    optimizer = make_optimizer(parameter_groups(model, built, train.lr, train.backbone_lr_factor), train.optimizer,
+                               train.lr, train.momentum, train.weight_decay)
+    scheduler = make_scheduler(optimizer, train.scheduler, train.epochs, train.step_size, train.gamma,
+                               train.warmup_epochs, len(train_loader))
     identity = [params.model, params.seed, to_dict(train), data_key]
     resume_path = resume_file(RESUME_DIR, mode, identity) if train.resume else None
     result = fit(model, train_loader, val_loader, optimizer, scheduler, train.epochs, hw,
                  train.aux_loss_weight, resume_path=resume_path)
+    result.after(head_history)
     model.load_state_dict(result.best_state)  # `model` may be the head alone: it lives in built.model
     details = summary(result, built, model, hw, time.perf_counter() - start)
     with replaced_together(*outputs(mode)) as (checkpoint, logs, metrics, report):  # all four or none
