@@ -18,8 +18,10 @@ from pathlib import Path
 
 from speed import ROOT, make_project, set_params, sh
 
-from transferlab.engine import pick_hardware
+from transferlab.data import ImageSource, open_split_store
 from transferlab.files import load_checkpoint
+from transferlab.hardware import pick_hardware
+from transferlab.images import read_split
 from transferlab.stages.evaluate import predict_test
 
 
@@ -43,12 +45,17 @@ def main() -> None:
         for seed in args.seeds:
             set_params(project, seed=seed)
             sh([sys.executable, "-m", "transferlab.stages.split"], project, env)
-            shutil.rmtree(project / "data/cache", ignore_errors=True)  # time the embedding too
+            sh([sys.executable, "-m", "transferlab.stages.decode"], project, env)
+            for embeddings in (project / "data/cache").glob("features-*"):  # time the embedding too
+                shutil.rmtree(embeddings) if embeddings.is_dir() else embeddings.unlink()
             start = time.perf_counter()
             sh([sys.executable, "-m", "transferlab.stages.train", "extract"], project, env)
             walls.append(time.perf_counter() - start)
             os.chdir(project)
-            predictions, _ = predict_test(load_checkpoint("models/extract.pt"), 8, pick_hardware())
+            checkpoint = load_checkpoint("models/extract.pt")
+            source = ImageSource(open_split_store(Path("data/split"), checkpoint["preprocess"]["resize_size"],
+                                                  Path("data/cache")))
+            predictions, _ = predict_test(checkpoint, read_split("data/split/test.csv"), source, 8, pick_hardware())
             hits = int((predictions.probs.argmax(1) == predictions.targets).sum())
             accuracies.append(hits / len(predictions.targets))
             correct.append(hits)

@@ -17,7 +17,8 @@ import time
 import torch
 from torch import nn
 
-from transferlab.engine import pick_hardware, split_outputs
+from transferlab.engine import split_outputs
+from transferlab.hardware import pick_hardware
 from transferlab.models import build_model
 
 # label: (precision, channels_last, keep_freed_memory)

@@ -140,3 +140,30 @@ def test_each_stage_depends_on_the_code_it_runs():
         listed = {d.removeprefix("src/transferlab/") for d in stage["deps"] if d.startswith("src/transferlab/")}
         assert used - PLUMBING <= listed, f"{name}: dvc.yaml does not list {sorted(used - PLUMBING - listed)}"
         assert listed <= used, f"{name}: dvc.yaml lists {sorted(listed - used)}, which it does not run"
+
+
+def test_fifty_classes_run_the_whole_pipeline_and_stay_legible(tmp_path):
+    """A user's own folder of many classes: one sub-folder per class, val and test split off."""
+    from conftest import make_image
+
+    data = tmp_path / "fifty"
+    for c in range(50):
+        for i in range(6):
+            make_image(data / f"species number {c:02d}" / f"{i}.jpg", ((c * 37) % 256, (c * 91) % 256, 90), c * 10 + i)
+    project = copy_project(tmp_path / "project")
+    set_params(project, data={"url": str(data)}, train={"epochs": 1, "batch_size": 8},
+               split={"val_fraction": 0.25, "test_fraction": 0.25})
+    torch_home = tmp_path / "torch_home"
+    write_test_weights(torch_home, "squeezenet1_0")
+    env = pipeline_env(torch_home)
+    run(["dvc", "repro"], project, env)
+    report = json.loads((project / "data/split/report.json").read_text())
+    assert len(report["classes"]) == 50 and sum(report["counts"]["test"].values()) == 75
+    details = json.loads((project / "reports/eval.json").read_text())
+    assert len(details["finetune"]["confusion"]) == 50 and len(details["finetune"]["most_confused"]) <= 10
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], project, env).stdout)
+    numbers = [v for files in shown.values() for f in files["data"].values() for m in f["data"].values()
+               for v in (m.values() if isinstance(m, dict) else [m])]
+    assert len(numbers) <= 3 * 5 + 3 * 2  # not 50 x 50
+    for png in ("confusion", "test_predictions", "test_accuracy"):
+        assert (project / f"plots/{png}.png").read_bytes()[:4] == b"\x89PNG"

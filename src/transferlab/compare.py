@@ -175,7 +175,8 @@ def summarise(key: tuple, members: list[tuple[Run, ModeResult]], rng: np.random.
     return {
         "model": model, "mode": mode, "params": {k: json.loads(v) for k, v in params},
         "seeds": len(members), "runs": [run.label for run, _ in members],
-        "accuracy_mean": float(per_seed.mean()), "accuracy_std": float(per_seed.std(ddof=1)) if len(members) > 1 else 0.0,
+        "accuracy_mean": float(per_seed.mean()),
+        "accuracy_std": float(per_seed.std(ddof=1)) if len(members) > 1 else 0.0,
         "accuracy_ci95_low": low, "accuracy_ci95_high": high,
         "train_seconds": _mean([r.train_seconds for _, r in members]),
         "trainable_parameters": _first([r.trainable_parameters for _, r in members]),

@@ -157,7 +157,8 @@ def predict(model: nn.Module, loader, hw: Hardware, desc: str = "eval") -> Predi
     probs_np, targets_np = torch.cat(probs).cpu().numpy(), torch.cat(targets).cpu().numpy()
     n = len(targets_np)
     accuracy = float((probs_np.argmax(1) == targets_np).mean())
-    return Predictions(probs_np, targets_np, EpochStats(total_loss.item() / n, accuracy, n, time.perf_counter() - start))
+    stats = EpochStats(total_loss.item() / n, accuracy, n, time.perf_counter() - start)
+    return Predictions(probs_np, targets_np, stats)
 
 
 @dataclass

@@ -78,7 +78,8 @@ def embed(model: nn.Module, head: nn.Module, loader: Iterable, hw: Hardware, che
 
 
 def feature_loaders(built: BuiltModel, train: list[Sample], val: list[Sample], batch_size: int, views: int,
-                    hw: Hardware, seed: int, cache_dir: str | Path, image_loader: Callable[[list[Sample], bool], Iterable]):
+                    hw: Hardware, seed: int, cache_dir: str | Path,
+                    image_loader: Callable[[list[Sample], bool], Iterable]):
     """(HeadOnly model, train loader, val loader) over cached embeddings, or None when this model's
     head output is not its output (the caller then trains with the backbone in the loop).
 
@@ -109,7 +110,8 @@ def _build(folder: Path, built: BuiltModel, head_only: HeadOnly, train, val, vie
     head = head_only.head
     try:
         with no_space_message(folder / "train.bin"):
-            val_meta = _write(folder / "val.bin", embed(built.model, head, image_loader(val, False), hw, check=head_only))
+            val_batches = embed(built.model, head, image_loader(val, False), hw, check=head_only)
+            val_meta = _write(folder / "val.bin", val_batches)
             if val_meta is None:
                 remove(folder)
                 return None

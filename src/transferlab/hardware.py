@@ -287,7 +287,8 @@ def machine_name(device: torch.device) -> str:
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read()
-        model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), cpu)
+        model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                      if line.startswith("model name")), cpu)
         flags = next((line.split(":", 1)[1] for line in info.splitlines() if line.startswith("flags")), "")
         cpu = f"{model} [{hashlib.sha256(flags.encode()).hexdigest()[:8]}]"
     except OSError:

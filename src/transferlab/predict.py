@@ -59,7 +59,8 @@ class Classifier:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
         self.device = torch.device(device)
-        self.model = rebuild_model(checkpoint["arch"], checkpoint["arch_kwargs"], len(self.classes), head_of(checkpoint))
+        self.model = rebuild_model(checkpoint["arch"], checkpoint["arch_kwargs"], len(self.classes),
+                                   head_of(checkpoint))
         self.model.load_state_dict(checkpoint["state_dict"])
         self.model.to(self.device).eval()
 

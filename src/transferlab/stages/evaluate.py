@@ -37,7 +37,8 @@ def main() -> None:
         pre = Preprocess(**checkpoint["preprocess"])
         if pre.resize_size not in sources:  # the three modes share one store: decoded once
             sources[pre.resize_size] = ImageSource(open_split_store(TEST_CSV.parent, pre.resize_size, cache_dir()))
-        predictions, mode_hw = predict_test(checkpoint, samples, sources[pre.resize_size], params.evaluate.batch_size, hw)
+        predictions, mode_hw = predict_test(checkpoint, samples, sources[pre.resize_size],
+                                            params.evaluate.batch_size, hw)
         classes = report["classes"] = checkpoint["classes"]
         report[mode] = {**classification_metrics(predictions.targets, predictions.probs, classes),
                         "inference_images_per_s": predictions.stats.images_per_second, **mode_hw.describe()}
@@ -58,7 +59,8 @@ def main() -> None:
 def predict_test(checkpoint: dict, samples: list[Sample], source: ImageSource, batch_size: int,
                  hw: Hardware) -> tuple[Predictions, Hardware]:
     """The checkpoint's class probabilities for every test image, on the fastest measured settings."""
-    model = rebuild_model(checkpoint["arch"], checkpoint["arch_kwargs"], len(checkpoint["classes"]), head_of(checkpoint))
+    model = rebuild_model(checkpoint["arch"], checkpoint["arch_kwargs"], len(checkpoint["classes"]),
+                          head_of(checkpoint))
     model.load_state_dict(checkpoint["state_dict"])
     pre = Preprocess(**checkpoint["preprocess"])
     work = Workload(model, pre.crop_size, 0, len(samples), batch_size, batch_size)

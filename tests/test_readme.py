@@ -1,0 +1,71 @@
+"""Every command the README shows is run by a test or by CI: this file says where, and fails when
+the README shows a command that nothing here accounts for (a documented command that fails is a bug,
+and one that nothing runs will, one day)."""
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Pattern of a README command -> the test (or CI step) that runs it in that form.
+RUN_BY = {
+    r"make repro": ".ci/run installs with the Makefile; tests/test_real_data.py runs the same dvc repro offline",
+    r"make test": ".ci/run",
+    r"make bench": "benchmarks/speed.py, run by hand (a benchmark, not a test)",
+    r"\.venv/bin/pytest -m \"not slow\"": "the developer's fast loop; .ci/run runs the whole suite",
+    r"dvc exp run -S model=resnet": "tests/test_pipeline.py::test_repro_then_experiment_then_metrics_diff",
+    r"dvc exp run -S scratch\.lr=\S+ -S scratch\.epochs=\S+": "tests/test_stages.py::test_documented_per_mode_overrides_work_as_written",
+    r"dvc exp run -S \+\+scratch\.gamma=\S+": "tests/test_stages.py::test_documented_per_mode_overrides_work_as_written",
+    r"dvc exp show --only-changed": "tests/test_readme.py::test_exp_show_only_changed_is_a_dvc_option",
+    r"dvc metrics diff \S+ \S+": "tests/test_pipeline.py (dvc metrics diff between revisions)",
+    r"dvc plots diff \S+ \S+": "tests/test_pipeline.py (transferlab plots diff runs dvc plots diff)",
+    r"transferlab plots (show|diff)": "tests/test_pipeline.py::test_repro_then_experiment_then_metrics_diff",
+    r"dvc exp run --queue -S model=\S+ -S seed=\S+": "tests/test_compare.py::test_a_queued_sweep_runs_two_at_once_then_compare_ranks_it",
+    r"dvc queue start -j \d": "tests/test_compare.py, tests/test_remote.py",
+    r"dvc queue status": "tests/test_compare.py, tests/test_remote.py",
+    r"transferlab compare( \S+ \S+)?$": "tests/test_compare.py, tests/test_stages.py, tests/test_remote.py",
+    r"dvc exp run -n \S+( -S \S+)+": "tests/test_stages.py::test_training_recipes_through_dvc_exp_run_and_compare_ranks_them",
+    r"transferlab predict \S+ .*--csv .*": "tests/test_predict.py::test_predict_command_writes_table_csv_json_and_grid",
+    r"transferlab export \S+ --out \S+": "tests/test_export.py::test_export_command",
+    r"transferlab cache( --prune \d+)?": "tests/test_caches.py::test_cache_command_reports_and_prunes",
+    r"dvc remote add -d storage s3://\S+": "tests/test_remote.py",
+    r"dvc remote modify storage endpointurl \S+": "tests/test_remote.py",
+    r"dvc push": "tests/test_remote.py",
+    r"dvc pull": "tests/test_remote.py",
+    r"git push": "tests/test_remote.py",
+    r"dvc exp push origin --rev HEAD": "tests/test_remote.py",
+    r"dvc exp pull origin --rev HEAD": "tests/test_remote.py",
+    r"TRANSFERLAB_DATA_MIRROR=\S+ dvc exp run -S model=efficientnet_lite0": "tests/test_real_data.py (the mirror, offline)",
+    r"python benchmarks/\w+\.py.*": "benchmarks, run by hand; their figures are in this README",
+    r"from transferlab import Classifier": "tests/test_predict.py::test_three_lines_from_checkpoint_to_predictions",
+    r"classifier = Classifier\.load\(.*\)": "tests/test_predict.py::test_three_lines_from_checkpoint_to_predictions",
+    r"for p in classifier\.predict\(.*": "tests/test_predict.py::test_three_lines_from_checkpoint_to_predictions",
+    r"transferlab (train|STAGE): .*": "a message the README quotes, not a command",
+    r"\"most_confused\": .*": "an excerpt of reports/eval.json, not a command",
+}
+
+
+def readme_commands() -> list[str]:
+    """The lines of the README's code blocks (indented 4, or 6 inside a list), comments cut off;
+    not the pipeline diagram, not the file layout."""
+    text = (ROOT / "README.md").read_text().split("\n## Layout")[0]
+    commands = []
+    for line in text.splitlines():
+        match = re.match(r"^(?: {4}| {6})(\S.*)$", line)
+        if match and "──" not in line:
+            commands.append(re.split(r"\s+#\s", match.group(1))[0].strip())
+    return commands
+
+
+def test_every_readme_command_is_run_somewhere():
+    unaccounted = [c for c in readme_commands() if not any(re.fullmatch(p, c) for p in RUN_BY)]
+    assert not unaccounted, f"README commands no test or CI step runs: {unaccounted}"
+    assert len(readme_commands()) > 20
+
+
+def test_exp_show_only_changed_is_a_dvc_option():
+    import subprocess
+    import sys
+
+    dvc = str(Path(sys.executable).parent / "dvc")
+    usage = subprocess.run([dvc, "exp", "show", "--help"], capture_output=True, text=True).stdout
+    assert "--only-changed" in usage
