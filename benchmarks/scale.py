@@ -75,11 +75,10 @@ def metered(cmd: list[str], cwd: Path, env: dict) -> tuple[float, float]:
     return wall, peak
 
 
-def size_mb(path: Path) -> float:
-    if not path.exists():
-        return 0.0
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
-    # Hard links to one file count once: DVC's cache and data/raw may share their data.
+def size_mb(*paths: Path) -> float:
+    """MB on disk under `paths`; hard links to one file count once (DVC's cache and data/raw share)."""
+    files = [f for path in paths if path.exists()
+             for f in ([path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()])]
     seen, total = set(), 0
     for f in files:
         stat = f.stat()
@@ -97,10 +96,12 @@ def bench(n: int, classes: int, archive: Path, work: Path, env: dict, baseline: 
     for stage in ("fetch", "split", "decode", "train extract"):
         name, *args = stage.split()
         row["stages"][stage] = metered([sys.executable, "-m", f"transferlab.stages.{name}", *args], project, env)
-    subprocess.run([sys.executable, "-m", "dvc", "commit", "-f", "-q"], cwd=project, env=env, capture_output=True)
+    for command in (["commit", "-f", "-q"], ["checkout", "--relink", "-q"]):  # outputs into the cache, then links
+        subprocess.run([sys.executable, "-m", "dvc", *command], cwd=project, env=env, capture_output=True)
     cache = project / "data" / "cache"
     row["disk_mb"] = {"source folder": size_mb(folder), "data/raw": size_mb(project / "data/raw"),
                       "DVC cache": size_mb(project / ".dvc/cache"),
+                      "data/raw + DVC cache together": size_mb(project / "data/raw", project / ".dvc/cache"),
                       "decoded images": sum(size_mb(p) for p in cache.glob("decoded-*")),
                       "embeddings": sum(size_mb(p) for p in cache.glob("features-*"))}
     if baseline:

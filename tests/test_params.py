@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from transferlab.params import MODES, ParamsError, load_params, parse_params
+from transferlab.params import ParamsError, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
