@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import ROOT, make_project, set_params, sh, timed, write_random_weights  # noqa: E402
+from speed import ROOT, bench_env, make_project, set_params, sh, timed  # noqa: E402
 
 MODES = ("finetune", "extract", "scratch")
 
@@ -106,11 +106,7 @@ def main() -> int:
               "(benchmarks/speed.py measures this machine's CPU)", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="transferlab-gpu-"))
-    torch_home = work / "torch_home"
-    for arch in ("squeezenet1_0", "resnet18"):
-        write_random_weights(torch_home, arch)
-    env = {**os.environ, "TORCH_HOME": str(torch_home), "DVC_NO_ANALYTICS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = bench_env(work)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {os.cpu_count()} CPUs", flush=True)
     project = make_project(work, str(Path(args.archive).resolve()), args.epochs)
     for stage in ("fetch", "split"):

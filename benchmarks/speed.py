@@ -47,6 +47,7 @@ def make_project(work: Path, archive: str, epochs: int) -> Path:
     set_params(project, data={"url": archive}, train={"epochs": epochs})
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=project, check=True)
+    shutil.copy2(ROOT / ".dvc/config", project / ".dvc/config")  # the project's cache link type
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com"]
     subprocess.run(git + ["add", "-A"], cwd=project, check=True)
     subprocess.run(git + ["commit", "-qm", "benchmark project"], cwd=project, check=True)  # dvclive needs one
@@ -70,6 +71,16 @@ def write_random_weights(torch_home: Path, arch: str) -> None:
     path = torch_home / "hub" / "checkpoints" / get_model_weights(arch).DEFAULT.url.rsplit("/", 1)[-1]
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(get_model(arch, weights=None).state_dict(), path)
+
+
+def bench_env(work: Path) -> dict:
+    """The environment for stages run by a benchmark: random weights for squeezenet and resnet18
+    under torchvision's own cache file names in work/torch_home, this interpreter's tools first."""
+    torch_home = work / "torch_home"
+    for arch in ("squeezenet1_0", "resnet18"):
+        write_random_weights(torch_home, arch)
+    return {**os.environ, "TORCH_HOME": str(torch_home), "DVC_NO_ANALYTICS": "1",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
 def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, str]:
@@ -165,11 +176,7 @@ def main() -> None:
     args = parser.parse_args()
     archive = str(Path(args.archive).resolve())
     work = Path(tempfile.mkdtemp(prefix="transferlab-bench-"))
-    torch_home = work / "torch_home"
-    for arch in ("squeezenet1_0", "resnet18"):
-        write_random_weights(torch_home, arch)
-    env = {**os.environ, "TORCH_HOME": str(torch_home), "DVC_NO_ANALYTICS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = bench_env(work)
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}; work dir {work}", flush=True)
 
     project = make_project(work / "modes", archive, args.epochs)

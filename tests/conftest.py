@@ -4,14 +4,17 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,3 +113,52 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> s
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n--- stdout\n{result.stdout}\n"
                              f"--- stderr\n{result.stderr}")
     return result
+
+
+def tiny_project(root: Path, archs: tuple[str, ...] = ("squeezenet1_0",), **train) -> tuple[Path, dict[str, str]]:
+    """A user's clone at root/project pointed at a generated tutorial-layout dataset (16 train and
+    val, 8 test images), with `train` params set and random weights for `archs` in a private
+    TORCH_HOME; and the environment to run its pipeline in."""
+    data = make_dataset(root / "tiny", train_per_class=8, val_per_class=4)
+    project = copy_project(root / "project")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["url"] = str(data)
+    params["train"].update(train)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for arch in archs:
+        write_test_weights(root / "torch_home", arch)
+    return project, pipeline_env(root / "torch_home")
+
+
+def git_commit(project: Path, message: str) -> None:
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(git + ["add", "-A"], cwd=project, check=True)
+    subprocess.run(git + ["commit", "-qm", message], cwd=project, check=True)
+
+
+def wait_for_queue(project: Path, env: dict[str, str], timeout: float = 900) -> str:
+    """Wait until `dvc queue` has nothing queued or running; stop its workers; its last status."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = run(["dvc", "queue", "status"], project, env).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    run(["dvc", "queue", "stop"], project, env)  # its workers would otherwise idle on after the test
+    for line in status.splitlines():  # a failed task's own log, so that an assertion on status says why
+        if line.split()[-1:] == ["Failed"]:
+            logs = run(["dvc", "queue", "logs", line.split()[1]], project, env, check=False)
+            status += f"\n--- {line.split()[1]}\n{logs.stdout}{logs.stderr}"
+    return status
+
+
+def interrupt(command: list[str], cwd: Path, env: dict[str, str], at_line: str,
+              signum: int = signal.SIGTERM) -> tuple[int, str]:
+    """Run `command`, send it `signum` once it prints a line starting with `at_line`; (exit code, stderr)."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith(at_line):
+            process.send_signal(signum)
+            break
+    _, stderr = process.communicate(timeout=120)
+    return process.returncode, stderr

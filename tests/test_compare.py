@@ -71,49 +71,42 @@ def test_pareto_front_keeps_rows_nothing_beats_on_both():
 
 
 def test_a_queued_sweep_runs_two_at_once_then_compare_ranks_it(tmp_path):
-    """Two models x two seeds through `dvc exp run --queue` and `dvc queue start -j 2`, then
-    `transferlab compare` reads the four experiments (and the baseline) from git."""
+    """Two models x two seeds through `dvc exp run --queue` and `dvc queue start -j 2`, one more
+    with `dvc exp run --temp`, then `transferlab compare` reads the five experiments (and the
+    baseline) from git."""
+    import csv
+    import io
     import json
-    import subprocess
-    import time
 
-    import yaml
-    from conftest import copy_project, make_dataset, pipeline_env, run, write_test_weights
+    from conftest import git_commit, run, tiny_project, wait_for_queue
 
-    data = make_dataset(tmp_path / "tiny", train_per_class=8, val_per_class=4)
-    project = copy_project(tmp_path / "project")
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["data"]["url"] = str(data)
-    params["train"].update(epochs=1, batch_size=4)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    torch_home = tmp_path / "torch_home"
-    for arch in ("squeezenet1_0", "resnet18"):
-        write_test_weights(torch_home, arch)
-    env = pipeline_env(torch_home)
+    project, env = tiny_project(tmp_path, ("squeezenet1_0", "resnet18"), epochs=1, batch_size=4)
     del env["TRANSFERLAB_CACHE_DIR"]  # the default: the project's data/cache, shared by the queue's copies
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     run(["dvc", "repro"], project, env)
-    subprocess.run(git + ["add", "-A"], cwd=project, check=True)
-    subprocess.run(git + ["commit", "-qm", "baseline"], cwd=project, check=True)
+    git_commit(project, "baseline")
 
     run(["dvc", "exp", "run", "--queue", "-S", "model=squeezenet,resnet", "-S", "seed=1,2"], project, env)
     run(["dvc", "queue", "start", "-j", "2"], project, env)
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        status = run(["dvc", "queue", "status"], project, env).stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(5)
-    run(["dvc", "queue", "stop"], project, env)  # its workers would otherwise idle on after the test
-    assert status.count("Success") == 4, status
+    status = wait_for_queue(project, env)
+    # DVC's own race between workers (treeverse/dvc#10673, open) can fail a task while DVC sets it
+    # up, before any stage runs; such a task is run again, alone. A failure of ours fails the test.
+    failures = status.split("\n--- ")[1:]
+    assert all("failed during setup" in log for log in failures), status
+    rows = list(csv.DictReader(io.StringIO(run(["dvc", "exp", "show", "--csv"], project, env).stdout)))
+    done = {(r["model"], r["seed"]) for r in rows if r["State"] == "Success"}
+    for model, seed in {(m, s) for m in ("squeezenet", "resnet") for s in ("1", "2")} - done:
+        run(["dvc", "exp", "run", "--temp", "-S", f"model={model}", "-S", f"seed={seed}"], project, env)
+    assert len(done) + len(failures) == 4, status
+    # The README's way to run one more seed, or again one that failed: in a copy, in the foreground.
+    run(["dvc", "exp", "run", "--temp", "-S", "model=resnet", "-S", "seed=3"], project, env)
     stores = [p for p in (project / "data/cache").glob("decoded-*") if p.is_dir()]
-    assert len(stores) == 1  # one decode, shared by the baseline and the four experiments
+    assert len(stores) == 1  # one decode, shared by the baseline and the five experiments
 
     out = run(["transferlab", "compare", "--out", str(tmp_path / "board")], project, env).stdout
     rows = json.loads((tmp_path / "board" / "leaderboard.json").read_text())
     assert {(r["model"], r["mode"]): r["seeds"] for r in rows} == {
-        (m, mode): 3 if m == "squeezenet" else 2 for m in ("squeezenet", "resnet")
-        for mode in ("finetune", "extract", "scratch")}  # squeezenet: the baseline's seed 42 and seeds 1, 2
+        (m, mode): 3 for m in ("squeezenet", "resnet")
+        for mode in ("finetune", "extract", "scratch")}  # squeezenet: the baseline's seed 42, resnet: seed 3
     assert sum(r["best"] for r in rows) == 1 and rows[0]["best"]
     assert all(r["verdict"] in ("worse", "not distinguishable") and 0 < r["p_value"] <= 1 for r in rows[1:])
     assert (tmp_path / "board" / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"

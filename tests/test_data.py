@@ -6,8 +6,16 @@ import torch
 from conftest import make_image
 from torchvision import transforms as T
 
-from transferlab.data import (RATIO, SCALE, DeviceImages, ImageDataset, TensorBatches, build_transform, crop_boxes,
-                              make_loader)
+from transferlab.data import (
+    RATIO,
+    SCALE,
+    DeviceImages,
+    ImageDataset,
+    TensorBatches,
+    build_transform,
+    crop_boxes,
+    make_loader,
+)
 from transferlab.errors import UserError
 from transferlab.images import Sample
 from transferlab.models import Preprocess

@@ -1,13 +1,11 @@
 """SIGTERM in the middle of training: good outputs stay, and the resumed run ends the same."""
 import io
 import json
-import signal
-import subprocess
 import sys
 
 import torch
 import yaml
-from conftest import copy_project, make_dataset, pipeline_env, run
+from conftest import copy_project, interrupt, make_dataset, pipeline_env, run
 
 TRAIN = [sys.executable, "-m", "transferlab.stages.train", "scratch"]
 
@@ -29,13 +27,8 @@ def test_sigterm_keeps_good_outputs_and_resume_matches_an_uninterrupted_run(tmp_
     uninterrupted = json.loads(good[1])
     assert not list((project / "data/cache/resume").glob("resume-*")), "a finished run leaves no resume file"
 
-    process = subprocess.Popen(TRAIN, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in process.stdout:
-        if line.startswith("epoch 2/4"):
-            process.send_signal(signal.SIGTERM)
-            break
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143 and "interrupted by SIGTERM" in stderr
+    returncode, stderr = interrupt(TRAIN, project, env, "epoch 2/4")
+    assert returncode == 143 and "interrupted by SIGTERM" in stderr
     assert "unchanged, as the last finished run left them: models/scratch.pt, logs/scratch/" in stderr
     assert [path.read_bytes() for path in outputs] == good
     assert len(list((project / "data/cache/resume").glob("resume-scratch-*.pt"))) == 1

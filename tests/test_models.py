@@ -6,10 +6,21 @@ from conftest import ROOT, write_test_weights
 from torch import nn
 
 from transferlab.engine import split_outputs
+from transferlab.models import (
+    ALIASES,
+    LITE0,
+    HeadSpec,
+    WeightsUnavailable,
+    build_for_mode,
+    build_model,
+    describe,
+    head_of,
+    rebuild_model,
+    resolve_model_name,
+    trainable_parameters,
+    weights_cache_path,
+)
 from transferlab.params import load_params
-from transferlab.models import (ALIASES, LITE0, HeadSpec, WeightsUnavailable, build_for_mode, build_model, describe,
-                                head_of, rebuild_model,
-                                resolve_model_name, trainable_parameters, weights_cache_path)
 
 # The tutorial's six names, plus other families whose heads sit elsewhere.
 MODEL_NAMES = list(ALIASES) + ["resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny",

@@ -20,6 +20,7 @@ RUN_BY = {
     r"dvc plots diff \S+ \S+": "tests/test_pipeline.py (transferlab plots diff runs dvc plots diff)",
     r"transferlab plots (show|diff)": "tests/test_pipeline.py::test_repro_then_experiment_then_metrics_diff",
     r"dvc exp run --queue -S model=\S+ -S seed=\S+": "tests/test_compare.py::test_a_queued_sweep_runs_two_at_once_then_compare_ranks_it",
+    r"dvc exp run --temp -S model=\S+ -S seed=\S+": "tests/test_compare.py::test_a_queued_sweep_runs_two_at_once_then_compare_ranks_it",
     r"dvc queue start -j \d": "tests/test_compare.py, tests/test_remote.py",
     r"dvc queue status": "tests/test_compare.py, tests/test_remote.py",
     r"transferlab compare( \S+ \S+)?$": "tests/test_compare.py, tests/test_stages.py, tests/test_remote.py",

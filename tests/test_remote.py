@@ -3,12 +3,10 @@ loopback, a real S3 wire protocol) for data and models, a git remote (a bare rep
 for code, metrics and experiments. Machine A runs; machine B pulls, runs nothing, and compares."""
 import hashlib
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import copy_project, make_dataset, pipeline_env, run, write_test_weights
+from conftest import git_commit, run, tiny_project, wait_for_queue
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is a test dependency (pip install -e '.[test]')")
 boto3 = pytest.importorskip("boto3")
@@ -39,36 +37,16 @@ def digests(project: Path, outputs: list[str]) -> dict[str, str]:
     return files
 
 
-def wait_for_queue(project: Path, env: dict) -> str:
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        status = run(["dvc", "queue", "status"], project, env).stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(5)
-    run(["dvc", "queue", "stop"], project, env)
-    return status
-
-
 def test_push_on_one_machine_pull_on_another_runs_nothing_and_compares(tmp_path, s3_endpoint):
-    data = make_dataset(tmp_path / "tiny", train_per_class=8, val_per_class=4)
-    torch_home = tmp_path / "torch_home"
-    write_test_weights(torch_home, "squeezenet1_0")
-    env = {**pipeline_env(torch_home), **CREDENTIALS}
+    # Machine A: the pipeline, a remote for data and models, two experiments, all pushed.
+    a, env = tiny_project(tmp_path / "machine-a", epochs=1, batch_size=4)
+    env.update(CREDENTIALS)
     origin = tmp_path / "origin.git"
     subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
-
-    # Machine A: the pipeline, a remote for data and models, two experiments, all pushed.
-    a = copy_project(tmp_path / "a")
-    params = yaml.safe_load((a / "params.yaml").read_text())
-    params["data"]["url"] = str(data)
-    params["train"].update(epochs=1, batch_size=4)
-    (a / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["dvc", "remote", "add", "-d", "storage", "s3://team/transferlab"], a, env)
     run(["dvc", "remote", "modify", "storage", "endpointurl", s3_endpoint], a, env)
     run(["dvc", "repro"], a, env)
-    subprocess.run(GIT + ["add", "-A"], cwd=a, check=True)
-    subprocess.run(GIT + ["commit", "-qm", "baseline with its remote"], cwd=a, check=True)
+    git_commit(a, "baseline with its remote")
     run(["dvc", "exp", "run", "--queue", "-S", "seed=1,2"], a, env)
     run(["dvc", "queue", "start", "-j", "2"], a, env)
     assert wait_for_queue(a, env).count("Success") == 2

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_project, make_dataset, pipeline_env, run, write_test_weights
+from conftest import copy_project, interrupt, pipeline_env, run, tiny_project
 
 MODES = ("finetune", "extract", "scratch")
 OUTPUTS = ["data/raw", "data/fetch.json", "data/split", *(f"models/{m}.pt" for m in MODES),
@@ -36,16 +36,7 @@ def snapshot(project: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A project whose whole pipeline ran once (2 epochs, tiny data), committed: the user's last good run."""
-    tmp = tmp_path_factory.mktemp("faults")
-    data = make_dataset(tmp / "tiny", train_per_class=8, val_per_class=4)
-    project = copy_project(tmp / "project")
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["data"]["url"] = str(data)
-    params["train"].update(epochs=2, batch_size=4)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    torch_home = tmp / "torch_home"
-    write_test_weights(torch_home, "squeezenet1_0")
-    env = pipeline_env(torch_home)
+    project, env = tiny_project(tmp_path_factory.mktemp("faults"), epochs=2, batch_size=4)
     run(["dvc", "repro"], project, env)
     git(project, "add", "-A")
     git(project, "commit", "-qm", "last good run")
@@ -180,14 +171,9 @@ def test_sigterm_then_a_damaged_resume_state_starts_again_at_epoch_1(finished):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["scratch"]["epochs"] = 6
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    command = [sys.executable, "-m", "transferlab.stages.train", "scratch"]
-    process = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in process.stdout:
-        if line.startswith("epoch 2/6"):
-            process.send_signal(signal.SIGTERM)
-            break
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143 and "interrupted by SIGTERM" in stderr
+    returncode, stderr = interrupt([sys.executable, "-m", "transferlab.stages.train", "scratch"], project, env,
+                                   "epoch 2/6")
+    assert returncode == 143 and "interrupted by SIGTERM" in stderr
     [state] = cache_files(project / "data/cache/resume", "resume-scratch-*.pt")
     state.write_bytes(state.read_bytes()[:500])  # as a crash or a full disk might leave it
     result = run(["dvc", "repro", "train-scratch"], project, env)
