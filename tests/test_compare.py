@@ -167,3 +167,17 @@ def test_compare_two_revisions_with_different_test_sets_is_an_error(results_repo
     result = transferlab(results_repo, "compare", a, b)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "test sets differ" in result.stderr and "same test images" in result.stderr
+
+
+def test_queued_running_and_failed_tasks_are_left_out_with_one_warning(capsys):
+    from transferlab.compare import _experiments
+
+    def experiment(name, state):
+        executor = None if state is None else {"state": state, "name": "dvc-task"}
+        return {"executor": executor, "revs": [{"rev": name * 8, "name": name}]}
+
+    shown = [{"rev": "workspace"}, {"rev": "b" * 40, "name": "main", "experiments": [
+        experiment("done", "success"), experiment("pulled", None), experiment("waiting", "queued"),
+        experiment("busy", "running"), experiment("broken", "failed"), experiment("later", "queued")]}]
+    assert [label for label, _ in _experiments(shown, with_baselines=True)] == ["main", "done", "pulled"]
+    assert "(1 failed, 2 queued, 1 running;" in capsys.readouterr().err

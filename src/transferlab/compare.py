@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from transferlab.errors import UserError
+from transferlab.errors import UserError, warn
 
 ALPHA = 0.05
 BOOTSTRAP = 2000
@@ -75,15 +75,24 @@ def baseline_runs(cwd: Path) -> list[tuple[str, str]]:
 
 
 def _experiments(shown: list, with_baselines: bool = False) -> list[tuple[str, str]]:
-    runs = []
+    runs, unfinished = [], {}
     for baseline in shown:
         if baseline.get("rev") == "workspace":
             continue
         if with_baselines:
             runs.append((baseline.get("name") or baseline["rev"][:7], baseline["rev"]))
         for experiment in baseline.get("experiments") or []:
+            # A queued, running or failed task of `dvc queue` has no results yet; a finished or
+            # pulled experiment has state success or no executor at all.
+            state = (experiment.get("executor") or {}).get("state", "success")
+            if state != "success":
+                unfinished[state] = unfinished.get(state, 0) + 1
+                continue
             rev = experiment["revs"][0]
             runs.append((rev.get("name") or rev["rev"][:7], rev["rev"]))
+    if unfinished:
+        counts = ", ".join(f"{n} {state}" for state, n in sorted(unfinished.items()))
+        warn(f"left out the queue's experiments without results ({counts}; see `dvc queue status`)")
     return runs
 
 
