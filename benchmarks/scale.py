@@ -96,8 +96,10 @@ def bench(n: int, classes: int, archive: Path, work: Path, env: dict, baseline: 
     for stage in ("fetch", "split", "decode", "train extract"):
         name, *args = stage.split()
         row["stages"][stage] = metered([sys.executable, "-m", f"transferlab.stages.{name}", *args], project, env)
-    for command in (["commit", "-f", "-q"], ["checkout", "--relink", "-q"]):  # outputs into the cache, then links
-        subprocess.run([sys.executable, "-m", "dvc", *command], cwd=project, env=env, capture_output=True)
+    # data/raw into DVC's cache, then linked back, as `dvc repro` leaves it after `--relink`.
+    # Only the fetch stage: the trainers' outputs other than extract's do not exist here.
+    for command in (["commit", "-f", "-q", "fetch"], ["checkout", "--relink", "-q", "fetch"]):
+        subprocess.run([sys.executable, "-m", "dvc", *command], cwd=project, env=env, check=True)
     cache = project / "data" / "cache"
     row["disk_mb"] = {"source folder": size_mb(folder), "data/raw": size_mb(project / "data/raw"),
                       "DVC cache": size_mb(project / ".dvc/cache"),
