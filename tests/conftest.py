@@ -147,8 +147,9 @@ def wait_for_queue(project: Path, env: dict[str, str], timeout: float = 900) -> 
     run(["dvc", "queue", "stop"], project, env)  # its workers would otherwise idle on after the test
     for line in status.splitlines():  # a failed task's own log, so that an assertion on status says why
         if line.split()[-1:] == ["Failed"]:
-            logs = run(["dvc", "queue", "logs", line.split()[1]], project, env, check=False)
-            status += f"\n--- {line.split()[1]}\n{logs.stdout}{logs.stderr}"
+            task = line.split()[0]  # its id: a task that failed during DVC's setup may have no name
+            logs = run(["dvc", "queue", "logs", task], project, env, check=False)
+            status += f"\n--- {task}\n{logs.stdout}{logs.stderr}"
     return status
 
 
