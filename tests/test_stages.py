@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_project, interrupt, pipeline_env, run, tiny_project
+from conftest import copy_project, git_commit, interrupt, pipeline_env, run, tiny_project
 
 MODES = ("finetune", "extract", "scratch")
 OUTPUTS = ["data/raw", "data/fetch.json", "data/split", *(f"models/{m}.pt" for m in MODES),
@@ -38,8 +38,7 @@ def finished(tmp_path_factory):
     """A project whose whole pipeline ran once (2 epochs, tiny data), committed: the user's last good run."""
     project, env = tiny_project(tmp_path_factory.mktemp("faults"), epochs=2, batch_size=4)
     run(["dvc", "repro"], project, env)
-    git(project, "add", "-A")
-    git(project, "commit", "-qm", "last good run")
+    git_commit(project, "last good run")
     return project, env, snapshot(project)
 
 
