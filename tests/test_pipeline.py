@@ -65,7 +65,8 @@ def test_repro_then_experiment_then_metrics_diff(tmp_path):
         assert decision["chosen"] in decision["seconds_per_image"]["model"]
         assert summary["precision"] == decision["chosen"].split()[0]
         assert json.loads((project / f"metrics/train/{mode}.json").read_text()) == {
-            "train_seconds": round(summary["wall_seconds"], 1), "best_val_accuracy": summary["best_val_accuracy"]}
+            "train_seconds": round(summary["wall_seconds"], 1), "best_val_accuracy": summary["best_val_accuracy"],
+            "world_size": 1}
         with open(project / f"metrics/predictions/{mode}.csv") as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == 8 and {r["actual"] for r in rows} == {"ants", "bees"}

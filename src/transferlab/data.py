@@ -20,9 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 from torchvision import transforms as T
 
+from transferlab.distributed import SINGLE, World
 from transferlab.errors import UserError
 from transferlab.hardware import Hardware
 from transferlab.images import SPLITS, Sample, read_split
@@ -61,12 +62,14 @@ class ImageSource:
         return self._device_images
 
     def batches(self, samples: list[Sample], classes: list[str], pre: Preprocess, batch_size: int, train: bool,
-                seed: int, hw: Hardware, tensor_batches: bool | None = None):
-        """Batches of one split: tensor batches or a DataLoader over PIL transforms, as `hw` says."""
+                seed: int, hw: Hardware, tensor_batches: bool | None = None, world: World = SINGLE):
+        """Batches of one split: tensor batches or a DataLoader over PIL transforms, as `hw` says;
+        with several processes, this one's share of each."""
         if hw.tensor_batches if tensor_batches is None else tensor_batches:
-            return TensorBatches(self.device_images(hw.device), samples, classes, pre, batch_size, train, seed)
+            return TensorBatches(self.device_images(hw.device), samples, classes, pre, batch_size, train, seed,
+                                 world)
         dataset = ImageDataset(samples, classes, build_transform(pre, train), self.store)
-        return make_loader(dataset, batch_size, train, seed, hw.workers, hw.pin_memory)
+        return make_loader(dataset, batch_size, train, seed, hw.workers, hw.pin_memory, world)
 
 
 def label_indices(samples: list[Sample], classes: list[str]) -> list[int]:
@@ -108,15 +111,31 @@ class ImageDataset(Dataset):
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, workers: int = 0,
-                pin_memory: bool = False) -> DataLoader:
-    """A DataLoader whose shuffling and worker augmentations are fixed by `seed`.
+                pin_memory: bool = False, world: World = SINGLE) -> DataLoader:
+    """A DataLoader whose shuffling and worker augmentations are fixed by `seed`; with several
+    processes, each loads its share of every batch (all shuffle alike).
 
     Workers are not persistent: each epoch's are seeded afresh from the loader's generator, so a
     run resumed after epoch k augments epoch k+1 exactly as an uninterrupted run does.
     """
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      pin_memory=pin_memory,
-                      worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    return DataLoader(dataset, batch_sampler=ShareOfBatches(BatchSampler(order, batch_size, False), world),
+                      num_workers=workers, pin_memory=pin_memory, worker_init_fn=_seed_worker, generator=generator)
+
+
+class ShareOfBatches(Sampler):
+    """This process's share of every batch: as many steps as one process takes, each on a part."""
+
+    def __init__(self, batches: BatchSampler, world: World):
+        self.batches, self.world = batches, world
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield batch[self.world.shard(len(batch))]
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -179,12 +198,15 @@ class TensorBatches:
     """Batches of (normalised images, targets) on the device, for one split; iterate once per epoch.
 
     Training batches are shuffled and augmented from `generator` (shuffle order, crop boxes, flips);
-    evaluation batches are resized and centre-cropped as torchvision's Resize + CenterCrop do.
+    evaluation batches are resized and centre-cropped as torchvision's Resize + CenterCrop do. With
+    several processes, each draws for the whole batch (so all stay in step, and the batch is the
+    one a single process would see) and crops its share.
     """
 
     def __init__(self, images: DeviceImages, samples: list[Sample], classes: list[str], pre: Preprocess,
-                 batch_size: int, train: bool, seed: int = 0):
+                 batch_size: int, train: bool, seed: int = 0, world: World = SINGLE):
         self.images, self.samples, self.pre, self.batch_size, self.train = images, samples, pre, batch_size, train
+        self.world = world
         self.slots = [images.store.slot(s) for s in samples]
         self.targets = torch.tensor(label_indices(samples, classes))
         self.generator = torch.Generator().manual_seed(seed)
@@ -204,7 +226,11 @@ class TensorBatches:
         order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
         for start in range(0, n, self.batch_size):
             rows = order[start:start + self.batch_size]
-            yield self.batch(rows), self.targets_on_device[rows.to(self.targets_on_device.device)]
+            boxes, flips = self.draw(rows) if self.train else ([None] * len(rows), [False] * len(rows))
+            share = self.world.shard(len(rows))
+            rows = rows[share]
+            targets = self.targets_on_device[rows.to(self.targets_on_device.device)]
+            yield self.batch(rows, boxes[share], flips[share]), targets
 
     def draw(self, rows: torch.Tensor) -> tuple[list, list]:
         """The random crop box and flip of each row (RandomResizedCrop, RandomHorizontalFlip)."""
@@ -212,9 +238,10 @@ class TensorBatches:
         flips = (torch.rand(len(rows), generator=self.generator) < 0.5).tolist()
         return boxes, flips
 
-    def batch(self, rows: torch.Tensor) -> torch.Tensor:
-        boxes, flips = self.draw(rows) if self.train else ([None] * len(rows), [False] * len(rows))
+    def batch(self, rows: torch.Tensor, boxes: list, flips: list) -> torch.Tensor:
         crops = [self.crop(int(r), box, flip) for r, box, flip in zip(rows, boxes, flips)]
+        if not crops:  # this process's share of a last batch smaller than the number of processes
+            return torch.zeros(0, 3, self.pre.crop_size, self.pre.crop_size, device=self.mean.device)
         return (torch.cat(crops) - self.mean) / self.std
 
     def crop(self, row: int, box, flip: bool) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
+from transferlab.distributed import SINGLE, World
 from transferlab.errors import UserError, warn
 from transferlab.files import load_checkpoint, save_checkpoint
 from transferlab.hardware import Hardware
@@ -115,38 +116,50 @@ def set_train_mode(model: nn.Module) -> None:
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, hw: Hardware,
                     scaler: torch.amp.GradScaler, aux_loss_weight: float = 0.4,
-                    desc: str = "train", batch_scheduler=None) -> EpochStats:
+                    desc: str = "train", batch_scheduler=None, world: World = SINGLE) -> EpochStats:
+    """One epoch; with several processes, each passes its share of every batch through `model`
+    (DistributedDataParallel, which averages the gradients) and the stats cover all shares."""
     set_train_mode(model)
-    criterion = nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
     # Loss and hits add up on the device and are read once, at the end: a read per step would make
     # the host wait for the GPU every step.
     total_loss = torch.zeros((), device=hw.device, dtype=torch.float64)
     correct = torch.zeros((), device=hw.device, dtype=torch.int64)
     seen, start = 0, time.perf_counter()
-    for images, targets in tqdm(loader, desc=desc, leave=False, disable=None):
+    for images, targets in tqdm(loader, desc=desc, leave=False, disable=None if world.main else True):
         images, targets = hw.to_device(images), targets.to(hw.device, non_blocking=hw.pin_memory)
+        # The mean over the whole batch, however it is shared: the gradient averaging over the
+        # processes divides by their number, so each process's sum is scaled by it.
+        batch_images = world.total(torch.tensor(len(targets), device=hw.device, dtype=torch.float32))
         with hw.autocast():
             logits, aux = split_outputs(model(images))
-            loss = criterion(logits, targets) + sum(aux_loss_weight * criterion(a, targets) for a in aux)
+            loss_sum = criterion(logits, targets) + sum(aux_loss_weight * criterion(a, targets) for a in aux)
+            loss = loss_sum * (world.size / batch_images)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         if batch_scheduler is not None:
             batch_scheduler.step()
-        total_loss += loss.detach() * len(targets)
+        total_loss += loss_sum.detach()
         correct += (logits.argmax(1) == targets).sum()
         seen += len(targets)
-    return EpochStats(total_loss.item() / seen, correct.item() / seen, seen, time.perf_counter() - start)
+    return all_processes(world, total_loss.item(), correct.item(), seen, time.perf_counter() - start)
+
+
+def all_processes(world: World, loss_sum: float, correct: float, images: int, seconds: float) -> EpochStats:
+    """Stats of a phase over every process's share (this process's alone in a world of one)."""
+    loss_sum, correct, images = world.sum([loss_sum, correct, images])
+    return EpochStats(loss_sum / max(images, 1), correct / max(images, 1), int(images), seconds)
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, hw: Hardware, desc: str = "eval") -> Predictions:
+def predict(model: nn.Module, loader, hw: Hardware, desc: str = "eval", show: bool = True) -> Predictions:
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     probs, targets, start = [], [], time.perf_counter()
     total_loss = torch.zeros((), device=hw.device, dtype=torch.float64)
-    for images, batch_targets in tqdm(loader, desc=desc, leave=False, disable=None):
+    for images, batch_targets in tqdm(loader, desc=desc, leave=False, disable=None if show else True):
         images, batch_targets = hw.to_device(images), batch_targets.to(hw.device)
         with hw.autocast():
             logits, _ = split_outputs(model(images))
@@ -155,9 +168,9 @@ def predict(model: nn.Module, loader, hw: Hardware, desc: str = "eval") -> Predi
         probs.append(logits.softmax(1))
         targets.append(batch_targets)
     probs_np, targets_np = torch.cat(probs).cpu().numpy(), torch.cat(targets).cpu().numpy()
-    n = len(targets_np)
-    accuracy = float((probs_np.argmax(1) == targets_np).mean())
-    stats = EpochStats(total_loss.item() / n, accuracy, n, time.perf_counter() - start)
+    n = len(targets_np)  # 0 for a process whose shares of the batches were all empty
+    accuracy = float((probs_np.argmax(1) == targets_np).mean()) if n else 0.0
+    stats = EpochStats(total_loss.item() / max(n, 1), accuracy, n, time.perf_counter() - start)
     return Predictions(probs_np, targets_np, stats)
 
 
@@ -184,42 +197,51 @@ class FitResult:
 
 def fit(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optimizer, scheduler,
         epochs: int, hw: Hardware, aux_loss_weight: float = 0.4,
-        on_epoch: Callable[[dict], None] = lambda record: None, resume_path: str | Path | None = None) -> FitResult:
+        on_epoch: Callable[[dict], None] = lambda record: None, resume_path: str | Path | None = None,
+        world: World = SINGLE) -> FitResult:
     """Train for `epochs`, keeping the weights of the epoch with the best val accuracy (then loss).
 
     With `resume_path`, everything needed to continue (weights, optimizer, scheduler, RNGs) is
     saved there after each epoch, and a run that finds the file continues after its last epoch,
-    ending where an uninterrupted run would have.
+    ending where an uninterrupted run would have. With several processes, every one takes the
+    same steps on its share of each batch and sees the same val stats (so they agree on the best
+    epoch); rank 0 alone prints and saves the resume state, which it reads for all of them.
     """
     hw.prepare(model)
     scaler = hw.grad_scaler()
     stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     generators = loader_generators(train_loader) + loader_generators(val_loader)
     result = FitResult()
-    saved = read_resume(resume_path) if resume_path is not None else None
+    saved = world.broadcast(read_resume(resume_path) if resume_path is not None and world.main else None)
     if saved is not None:
-        result = apply_resume(saved, stateful, generators)
-        print(f"resuming after epoch {result.history[-1]['epoch']} from {resume_path}", flush=True)
+        result = apply_resume(saved, stateful, generators, world.rank)
+        if world.main:
+            print(f"resuming after epoch {result.history[-1]['epoch']} from {resume_path}", flush=True)
         for record in result.history:
             on_epoch(record)
+    trained = world.wrap(model, hw.device)  # after the resume: every process starts from the same state
     for epoch in range(len(result.history) + 1, epochs + 1):
         per_batch = steps_per_batch(scheduler)
-        train = train_one_epoch(model, train_loader, optimizer, hw, scaler, aux_loss_weight,
-                                desc=f"epoch {epoch}/{epochs} train", batch_scheduler=scheduler if per_batch else None)
+        train = train_one_epoch(trained, train_loader, optimizer, hw, scaler, aux_loss_weight,
+                                desc=f"epoch {epoch}/{epochs} train", batch_scheduler=scheduler if per_batch else None,
+                                world=world)
         if scheduler is not None and not per_batch:
             scheduler.step()  # once per epoch, after the optimizer's steps
-        val = predict(model, val_loader, hw, desc=f"epoch {epoch}/{epochs} val").stats
+        own = predict(model, val_loader, hw, desc=f"epoch {epoch}/{epochs} val", show=world.main).stats
+        val = all_processes(world, own.loss * own.images, own.accuracy * own.images, own.images, own.seconds)
         record = {"epoch": epoch, "train_loss": train.loss, "train_acc": train.accuracy,
                   "val_loss": val.loss, "val_acc": val.accuracy, "train_seconds": train.seconds,
                   "train_images_per_s": train.images_per_second, "val_seconds": val.seconds,
                   "peak_rss_mb": peak_rss_mb()}
         result.history.append(record)
-        print(f"epoch {epoch}/{epochs}: train loss {train.loss:.4f} acc {train.accuracy:.4f} | "
-              f"val loss {val.loss:.4f} acc {val.accuracy:.4f} | {train.images_per_second:.1f} img/s",
-              flush=True)
         result.consider(epoch, val, model)
-        if resume_path is not None:
-            save_resume(resume_path, result, stateful, generators)
+        rng = world.gather(rng_state(generators))  # each process's own draws, for an exact resume
+        if resume_path is not None and world.main:
+            save_resume(resume_path, result, stateful, rng)
+        if world.main:  # once the epoch's state is saved: a run stopped after this line resumes after it
+            print(f"epoch {epoch}/{epochs}: train loss {train.loss:.4f} acc {train.accuracy:.4f} | "
+                  f"val loss {val.loss:.4f} acc {val.accuracy:.4f} | {train.images_per_second:.1f} img/s",
+                  flush=True)
         on_epoch(record)
     return result
 
@@ -231,14 +253,20 @@ def loader_generators(loader) -> list[torch.Generator]:
     return list(unique.values())
 
 
-def save_resume(path: str | Path, result: FitResult, stateful: dict, generators: list[torch.Generator]) -> None:
-    """The state after an epoch: tensors and plain values only, so it loads with weights_only=True."""
+def rng_state(generators: list[torch.Generator]) -> dict:
+    """This process's random number generators' states, as plain values and tensors."""
     np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "generators": [g.get_state() for g in generators]}
+
+
+def save_resume(path: str | Path, result: FitResult, stateful: dict, rng: list[dict]) -> None:
+    """The state after an epoch (`rng`: each process's generators): tensors and plain values only,
+    so it loads with weights_only=True."""
     save_checkpoint(path, {
         "states": {name: obj.state_dict() for name, obj in stateful.items() if obj is not None},
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-                "generators": [g.get_state() for g in generators]},
+        "rng": rng,
         "best_state": result.best_state, "best_epoch": result.best_epoch,
         "best_val": asdict(result.best_val), "history": result.history})
 
@@ -252,7 +280,7 @@ def read_resume(path: str | Path) -> dict | None:
         return None
     try:
         saved = load_checkpoint(path)
-        if not {"states", "rng", "history"} <= set(saved) or not saved["history"]:
+        if not {"states", "rng", "history"} <= set(saved) or not saved["history"] or not isinstance(saved["rng"], list):
             raise UserError("not a resume state")
         return saved
     except UserError as err:
@@ -262,11 +290,11 @@ def read_resume(path: str | Path) -> dict | None:
         return None
 
 
-def apply_resume(saved: dict, stateful: dict, generators: list[torch.Generator]) -> FitResult:
+def apply_resume(saved: dict, stateful: dict, generators: list[torch.Generator], rank: int = 0) -> FitResult:
     for name, obj in stateful.items():
         if obj is not None:
             obj.load_state_dict(saved["states"][name])
-    rng = saved["rng"]
+    rng = saved["rng"][rank]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     kind, keys, *rest = rng["numpy"]

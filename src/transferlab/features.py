@@ -12,6 +12,7 @@ damaged or unfinished cache is rebuilt, with a warning.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import zlib
@@ -22,15 +23,19 @@ import numpy as np
 import torch
 from filelock import FileLock
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from transferlab.caches import mark_used
-from transferlab.errors import warn
+from transferlab.data import ShareOfBatches
+from transferlab.distributed import SINGLE, World
+from transferlab.errors import UserError, warn
 from transferlab.files import atomic_path, no_space_message, remove, write_json
 from transferlab.hardware import Hardware
 from transferlab.images import Sample, samples_digest
 from transferlab.models import BuiltModel
 
+# 2: each view is a fresh draw with its own targets (format 1 repeated the first view's draws).
+CACHE_FORMAT = 2
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -79,51 +84,115 @@ def embed(model: nn.Module, head: nn.Module, loader: Iterable, hw: Hardware, che
 
 def feature_loaders(built: BuiltModel, train: list[Sample], val: list[Sample], batch_size: int, views: int,
                     hw: Hardware, seed: int, cache_dir: str | Path,
-                    image_loader: Callable[[list[Sample], bool], Iterable]):
+                    image_loader: Callable[[list[Sample], bool], Iterable], world: World = SINGLE):
     """(HeadOnly model, train loader, val loader) over cached embeddings, or None when this model's
     head output is not its output (the caller then trains with the backbone in the loop).
 
-    `image_loader(samples, train)` gives batches of images: augmented (one pass = one view) or not.
+    `image_loader(samples, train)` gives batches of images: augmented (one pass = one view) or not;
+    with several processes, this one's share of each batch. Each process then embeds its shares,
+    rank 0 puts them together in the order one process writes them, and every process reads the
+    cache: it must lie in a folder all of them see (TRANSFERLAB_CACHE_DIR, across machines).
     """
     main_head = built.head_names[-1]  # inception lists its auxiliary head first; eval uses the main one
     head_only = split_off_head(built.model, main_head)
     hw.prepare(built.model)
-    folder = Path(cache_dir) / f"features-{built.arch}-{_cache_key(built, train, val, views, seed, hw)}"
-    cached = _open(folder)
-    if cached is None:
-        with FileLock(str(folder) + ".lock"):
-            cached = _open(folder, quiet=True) or _build(folder, built, head_only, train, val, views, hw,
-                                                         image_loader)
+    key = _cache_key(built, train, val, views, seed, hw, batch_size)
+    folder = Path(cache_dir) / f"features-{built.arch}-{key}"
+    cached = _open(folder) if world.main else None
+    if world.broadcast(cached is None):
+        # Another experiment may be building the same cache: the first builds, the others wait.
+        with FileLock(str(folder) + ".lock") if world.main else contextlib.nullcontext():
+            cached = _open(folder, quiet=True) if world.main else None
+            if world.broadcast(cached is None) and not _build(folder, built, head_only, train, val, views, hw,
+                                                               batch_size, image_loader, world):
+                return None
+    if not world.main:
+        cached = _open(folder, quiet=True)
         if cached is None:
-            return None
-    train_x, train_y, val_x, val_y = cached
-    train_set = TensorDataset(train_x.flatten(0, 1), train_y.repeat(views))
+            raise UserError(f"process {world.rank} cannot read the embedding cache {folder} that process 0 "
+                            f"wrote: across machines, set TRANSFERLAB_CACHE_DIR to a folder they share, or "
+                            f"extract.cache_features to false")
+    train_x, train_y, val_x, val_y = cached if cached is not None else _open(folder)
+    train_set = TensorDataset(train_x.flatten(0, 1), train_y)
     sampler = RandomSampler(train_set, num_samples=len(train), generator=torch.Generator().manual_seed(seed))
-    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler)
-    val_loader = DataLoader(TensorDataset(val_x, val_y), batch_size=batch_size)
+    train_loader = DataLoader(train_set, batch_sampler=ShareOfBatches(BatchSampler(sampler, batch_size, False), world))
+    val_batches = BatchSampler(SequentialSampler(val_x), batch_size, False)
+    val_loader = DataLoader(TensorDataset(val_x, val_y), batch_sampler=ShareOfBatches(val_batches, world))
     return head_only, train_loader, val_loader
 
 
-def _build(folder: Path, built: BuiltModel, head_only: HeadOnly, train, val, views, hw, image_loader):
-    remove(folder)
-    folder.mkdir(parents=True)
+def _build(folder: Path, built: BuiltModel, head_only: HeadOnly, train, val, views, hw, batch_size, image_loader,
+           world: World) -> bool:
+    """Embed every image (each process its shares), then write meta.json; False, and no cache,
+    when the model's output is not its head's output."""
+    if world.main:
+        remove(folder)
+        folder.mkdir(parents=True)
+    world.barrier()
     head = head_only.head
     try:
         with no_space_message(folder / "train.bin"):
             val_batches = embed(built.model, head, image_loader(val, False), hw, check=head_only)
-            val_meta = _write(folder / "val.bin", val_batches)
-            if val_meta is None:
-                remove(folder)
-                return None
-            passes = (batch for _ in range(views) for batch in embed(built.model, head, image_loader(train, True), hw))
-            train_meta = _write(folder / "train.bin", passes)
-            train_meta["shape"] = [views, len(train), *train_meta["shape"][1:]]
-            train_meta["targets"] = train_meta["targets"][:len(train)]
-            write_json(folder / "meta.json", {"train": train_meta, "val": val_meta})  # last: the cache is complete
+            val_meta = _write_shares(folder, "val", val_batches, _batch_sizes(len(val), batch_size), world)
+            if world.broadcast(val_meta is not None):
+                train_images = image_loader(train, True)  # one loader, iterated once per view: fresh draws
+                passes = (batch for _ in range(views) for batch in embed(built.model, head, train_images, hw))
+                train_meta = _write_shares(folder, "train", passes, _batch_sizes(len(train), batch_size) * views,
+                                           world)
+                if world.main:  # each view is shuffled its own way: its targets are kept with it
+                    train_meta["shape"] = [views, len(train), *train_meta["shape"][1:]]
+                    write_json(folder / "meta.json", {"train": train_meta, "val": val_meta})  # last: complete
+                world.barrier()
+                return True
     except BaseException:
         remove(folder)  # an unfinished cache is worth nothing: leave no half of one behind
         raise
-    return _open(folder)
+    if world.main:
+        remove(folder)
+    return False
+
+
+def _batch_sizes(n: int, batch_size: int) -> list[int]:
+    return [min(batch_size, n - start) for start in range(0, n, batch_size)]
+
+
+def _write_shares(folder: Path, split: str, batches: Iterable, batch_sizes: list[int], world: World) -> dict | None:
+    """Write `split`.bin from every process's shares of the batches; its meta on rank 0 (None if
+    a process embedded nothing). One process writes the file directly."""
+    if world.size == 1:
+        return _write(folder / f"{split}.bin", batches)
+    own = folder / f"{split}.part{world.rank}.bin"
+    metas = world.gather(_write(own, batches))
+    world.barrier()
+    if not world.main:
+        return {}
+    if None in metas:
+        return None
+    merged = _merge(folder / f"{split}.bin", [folder / f"{split}.part{r}.bin" for r in range(world.size)], metas,
+                    batch_sizes)
+    for rank in range(world.size):
+        remove(folder / f"{split}.part{rank}.bin")
+    return merged
+
+
+def _merge(path: Path, parts: list[Path], metas: list[dict], batch_sizes: list[int]) -> dict:
+    """One file in the order one process writes: batch by batch, each process's share in turn."""
+    row_shape = max(metas, key=lambda meta: meta["shape"][0])["shape"][1:]
+    dtype = {name: dt for dt, name in DTYPE_NAMES.items()}[metas[0]["dtype"]]
+    row_bytes = int(np.prod(row_shape)) * torch.empty(0, dtype=dtype).element_size()
+    size, taken, targets, crc = len(parts), [0] * len(parts), [], 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as out, contextlib.ExitStack() as stack:
+        readers = [stack.enter_context(open(part, "rb")) for part in parts]
+        for n in batch_sizes:
+            for rank, reader in enumerate(readers):
+                share = World(rank, size).shard(n)
+                rows = share.stop - share.start
+                raw = reader.read(rows * row_bytes)
+                out.write(raw)
+                crc = zlib.crc32(raw, crc)
+                targets += metas[rank]["targets"][taken[rank]:taken[rank] + rows]
+                taken[rank] += rows
+    return {"shape": [sum(batch_sizes), *row_shape], "dtype": metas[0]["dtype"], "targets": targets, "crc32": crc}
 
 
 def _write(path: Path, batches: Iterable) -> dict | None:
@@ -174,8 +243,8 @@ def _map(path: Path, meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _cache_key(built: BuiltModel, train: list[Sample], val: list[Sample], views: int, seed: int,
-               hw: Hardware) -> str:
-    identity = json.dumps([built.arch, built.weights_id, built.arch_kwargs, built.preprocess.__dict__, views, seed,
+               hw: Hardware, batch_size: int) -> str:
+    identity = json.dumps([CACHE_FORMAT, batch_size, built.arch, built.weights_id, built.arch_kwargs, built.preprocess.__dict__, views, seed,
                            str(hw.amp_dtype), hw.tensor_batches, samples_digest(train), samples_digest(val)],
                           sort_keys=True)
     return hashlib.sha256(identity.encode()).hexdigest()[:20]

@@ -72,6 +72,7 @@ class TrainParams:
     precision: Literal["auto", "fp32", "bf16", "fp16"]
     channels_last: Union[bool, Literal["auto"]]
     workers: Union[int, Literal["auto"]]
+    processes: Union[int, Literal["auto"]]
     keep_freed_memory: Union[bool, Literal["auto"]]
     deterministic: bool
     cache_features: bool
@@ -103,6 +104,8 @@ class TrainParams:
                  "must be 0 with scheduler: onecycle, which warms up on its own")
         if self.workers != "auto":
             _require(self.workers >= 0, f"{key}.workers", f"is {self.workers}; use 0 or more, or auto")
+        if self.processes != "auto":
+            _require(self.processes >= 1, f"{key}.processes", f"is {self.processes}; use 1 or more, or auto")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from transferlab.data import ImageSource
+from transferlab.distributed import SINGLE, World
 from transferlab.engine import FitResult, fit, make_optimizer, peak_rss_mb
 from transferlab.errors import warn
 from transferlab.features import feature_loaders
@@ -33,12 +34,12 @@ def resume_file(resume_dir: Path, mode: str, identity: list) -> Path:
 
 
 def prepare(built: BuiltModel, classes: list[str], samples: dict[str, list[Sample]], train: TrainParams,
-            hw: Hardware, seed: int, source: ImageSource, cache_dir: Path):
+            hw: Hardware, seed: int, source: ImageSource, cache_dir: Path, world: World = SINGLE):
     """(hardware, model to fit, train loader, val loader) for one mode.
 
-    The `auto` hardware settings are measured on this model and these batch shapes. A frozen
-    backbone runs once, over cached embeddings, when train.cache_features allows; otherwise the
-    decoded images are augmented every epoch.
+    The `auto` hardware settings are measured on this model and these batch shapes (by rank 0,
+    for all processes). A frozen backbone runs once, over cached embeddings, when
+    train.cache_features allows; otherwise the decoded images are augmented every epoch.
     """
     pre, views = built.preprocess, train.feature_views
     head_only = train.cache_features and not backbone_trains(built)
@@ -49,14 +50,15 @@ def prepare(built: BuiltModel, classes: list[str], samples: dict[str, list[Sampl
 
     def input_seconds(tensor: bool) -> float:
         return time_inputs(source, samples["train"], classes, pre, train.batch_size, hw, tensor)
-    hw = decide(hw, work, cache_dir, [built.arch, sum(p.numel() for p in trainable_parameters(built.model))],
-                input_seconds)
+    key = [built.arch, sum(p.numel() for p in trainable_parameters(built.model)), world.size]
+    decided = world.broadcast(decide(hw, work, cache_dir, key, input_seconds) if world.main else None)
+    hw = replace(decided, device=hw.device)  # each process keeps its own GPU
 
     def image_batches(split_samples: list[Sample], training: bool):
-        return source.batches(split_samples, classes, pre, train.batch_size, training, seed, hw)
+        return source.batches(split_samples, classes, pre, train.batch_size, training, seed, hw, world=world)
     if head_only:
         prepared = feature_loaders(built, samples["train"], samples["val"], train.batch_size, views, hw, seed,
-                                   cache_dir, image_batches)
+                                   cache_dir, image_batches, world)
         if prepared is not None:
             return (hw, *prepared)
         warn("feature cache: this model's output is not its head's output; running the backbone every epoch")
@@ -64,25 +66,27 @@ def prepare(built: BuiltModel, classes: list[str], samples: dict[str, list[Sampl
 
 
 def train_head_first(built: BuiltModel, classes: list[str], samples: dict[str, list[Sample]], train: TrainParams,
-                     hw: Hardware, seed: int, source: ImageSource, cache_dir: Path) -> list[dict]:
+                     hw: Hardware, seed: int, source: ImageSource, cache_dir: Path, world: World = SINGLE) -> list[dict]:
     """The first part of fastai's fine_tune: the new head alone, on the frozen backbone (over cached
     embeddings), for train.head_epochs epochs at train.lr. Returns their history; the head's
     weights stay in `built.model`, and what was trainable before is trainable again."""
-    print(f"the head alone first, on the frozen backbone: {train.head_epochs} epochs", flush=True)
+    if world.main:
+        print(f"the head alone first, on the frozen backbone: {train.head_epochs} epochs", flush=True)
     trainable = {p: p.requires_grad for p in built.model.parameters()}
     freeze_all_but(built.model, built.head_names)
     try:
         head_train = replace(train, epochs=train.head_epochs, scheduler="none", warmup_epochs=0, cache_features=True)
         head_hw, model, train_loader, val_loader = prepare(built, classes, samples, head_train, hw, seed, source,
-                                                           cache_dir)
+                                                           cache_dir, world)
         optimizer = make_optimizer(trainable_parameters(model), train.optimizer, train.lr, train.momentum,
                                    train.weight_decay)
         result = fit(model, train_loader, val_loader, optimizer, None, train.head_epochs, head_hw,
-                     train.aux_loss_weight)
+                     train.aux_loss_weight, world=world)
     finally:
         for parameter, flag in trainable.items():
             parameter.requires_grad_(flag)
-    print(f"then with the backbone unfrozen: {train.epochs} epochs", flush=True)
+    if world.main:
+        print(f"then with the backbone unfrozen: {train.epochs} epochs", flush=True)
     return [{**record, "phase": "head"} for record in result.history]
 
 
@@ -103,7 +107,8 @@ def backbone_trains(built: BuiltModel) -> bool:
     return any(p.requires_grad for n, p in built.model.named_parameters() if not n.startswith(heads))
 
 
-def summary(result: FitResult, built: BuiltModel, model: nn.Module, hw: Hardware, wall_seconds: float) -> dict:
+def summary(result: FitResult, built: BuiltModel, model: nn.Module, hw: Hardware, wall_seconds: float,
+            steps_per_epoch: int, world_size: int = 1) -> dict:
     """What reports/train/MODE.json holds: best epoch, speed, memory, hardware.
 
     The first epoch is reported apart from the rest (`steady_images_per_s`): it pays one-off
@@ -128,10 +133,13 @@ def summary(result: FitResult, built: BuiltModel, model: nn.Module, hw: Hardware
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_mb_after_epoch_1": history[0]["peak_rss_mb"],
         "features_cached": model is not built.model,
+        "world_size": world_size,
+        "optimizer_steps_per_epoch": steps_per_epoch,  # the same whatever world_size: batch_size is global
         **hw.describe(),
     }
 
 
 def headline(details: dict) -> dict:
     """The few numbers metrics/train/MODE.json keeps for `dvc metrics show` and `dvc exp show`."""
-    return {"train_seconds": round(details["wall_seconds"], 1), "best_val_accuracy": details["best_val_accuracy"]}
+    return {"train_seconds": round(details["wall_seconds"], 1), "best_val_accuracy": details["best_val_accuracy"],
+            "world_size": details["world_size"]}

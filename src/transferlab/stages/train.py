@@ -7,6 +7,8 @@ scratch (random init). The checkpoint kept is the epoch with the best validation
 import platform
 import sys
 import time
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,6 +18,7 @@ from scmrepo.exceptions import SCMError
 
 import transferlab
 from transferlab.data import ImageSource, open_split_store, read_splits
+from transferlab.distributed import SINGLE, World, join, leave, resolve_processes, spawn, started_by_torchrun
 from transferlab.engine import fit, make_optimizer, make_scheduler, seed_everything
 from transferlab.errors import UserError
 from transferlab.files import read_json, replaced_together, save_checkpoint, write_json
@@ -34,12 +37,34 @@ def outputs(mode: str) -> list[str]:
 
 
 def main(mode: str) -> None:
-    start = time.perf_counter()
+    """Train one mode: in this process, in `train.processes` processes it starts, or as one of
+    the processes torchrun started (which then decides their number)."""
     require_inputs({str(SPLIT_DIR / f"{name}"): "split" for name in ("train.csv", "val.csv", "report.json")})
+    train = load_params().for_mode(mode)
+    if started_by_torchrun():
+        world = join(train.device)
+        try:
+            run(mode, world)
+        finally:
+            leave()
+        return
+    processes = resolve_processes(train.processes, train.device)
+    if processes == 1:
+        run(mode, SINGLE)
+    else:
+        print(f"{mode}: {processes} processes, each computing a share of every batch", flush=True)
+        spawn(partial(run, mode), processes, train.device, f"{mode} training")
+
+
+def run(mode: str, world: World) -> None:
+    """One process's part of training `mode`; rank 0 writes every output."""
+    start = time.perf_counter()
     params = load_params()
     train = params.for_mode(mode)
     seed_everything(params.seed, train.deterministic)
     hw = pick_hardware(train.device, train.precision, train.channels_last, train.workers, train.keep_freed_memory)
+    if hw.device.type == "cuda":
+        hw = replace(hw, device=torch.device("cuda", world.local_rank))
     classes = read_json(SPLIT_DIR / "report.json")["classes"]
     mlp = train.head == "mlp"
     head = HeadSpec(train.head_hidden if mlp else (), train.head_dropout if mlp else 0.0)
@@ -48,21 +73,23 @@ def main(mode: str) -> None:
     source = ImageSource(open_split_store(SPLIT_DIR, built.preprocess.resize_size, cache_dir()))
     head_history = []
     if train.head_epochs and backbone_trains(built):  # freeze, train the head, then unfreeze
-        head_history = train_head_first(built, classes, samples, train, hw, params.seed, source, cache_dir())
+        head_history = train_head_first(built, classes, samples, train, hw, params.seed, source, cache_dir(), world)
     hw, model, train_loader, val_loader = prepare(built, classes, samples, train, hw, params.seed, source,
-                                                  cache_dir())
+                                                  cache_dir(), world)
     data_key = samples_digest(samples["train"] + samples["val"])
     optimizer = make_optimizer(parameter_groups(model, built, train.lr, train.backbone_lr_factor), train.optimizer,
                                train.lr, train.momentum, train.weight_decay)
     scheduler = make_scheduler(optimizer, train.scheduler, train.epochs, train.step_size, train.gamma,
                                train.warmup_epochs, len(train_loader))
-    identity = [params.model, params.seed, to_dict(train), data_key]
-    resume_path = resume_file(RESUME_DIR, mode, identity) if train.resume else None
+    identity = [params.model, params.seed, to_dict(train), data_key, world.size]
+    resume_path = resume_file(RESUME_DIR, mode, identity) if train.resume and world.main else None
     result = fit(model, train_loader, val_loader, optimizer, scheduler, train.epochs, hw,
-                 train.aux_loss_weight, resume_path=resume_path)
+                 train.aux_loss_weight, resume_path=resume_path, world=world)
     result.after(head_history)
+    if not world.main:
+        return
     model.load_state_dict(result.best_state)  # `model` may be the head alone: it lives in built.model
-    details = summary(result, built, model, hw, time.perf_counter() - start)
+    details = summary(result, built, model, hw, time.perf_counter() - start, len(train_loader), world.size)
     with replaced_together(*outputs(mode)) as (checkpoint, logs, metrics, report):  # all four or none
         save_checkpoint(checkpoint, {
             **describe(built), "format": 1, "mode": mode, "model": params.model, "classes": classes,

@@ -1,0 +1,200 @@
+"""Data-parallel training (train.processes): two processes against one, and through DVC."""
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import CLASS_COLORS, git_commit, make_image, run, tiny_project
+from torch import nn
+
+from transferlab.data import ImageSource
+from transferlab.distributed import SINGLE, World, spawn
+from transferlab.engine import fit, make_optimizer, seed_everything
+from transferlab.errors import UserError
+from transferlab.features import feature_loaders
+from transferlab.hardware import pick_hardware
+from transferlab.images import Sample
+from transferlab.models import Preprocess, build_model
+from transferlab.store import open_store
+
+PRE = Preprocess(crop_size=24, resize_size=28, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+CLASSES = list(CLASS_COLORS)
+BATCH = 5  # 12 training images: batches of 5, 5 and 2, shared 2+3, 2+3 and 1+1 by two processes
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 8])
+def test_the_shares_of_a_batch_cover_it_once(n, size):
+    rows = [i for rank in range(size) for i in range(n)[World(rank, size).shard(n)]]
+    assert rows == list(range(n))
+
+
+def tiny_net() -> nn.Module:  # no BatchNorm: its statistics are each process's own, by design
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+
+
+def train_and_embed(world: World, train: list[Sample], val: list[Sample], root: Path, out: Path) -> None:
+    """Three epochs of tiny_net on tensor batches, then an embedding cache of resnet18 (2 views);
+    rank 0 saves what came out."""
+    hw = replace(pick_hardware("cpu", "fp32", False, 0), tensor_batches=True)
+    source = ImageSource(open_store(train + val, PRE.resize_size, root / "store"))
+    seed_everything(0)
+    train_loader = source.batches(train, CLASSES, PRE, BATCH, True, 0, hw, world=world)
+    val_loader = source.batches(val, CLASSES, PRE, BATCH, False, 0, hw, world=world)
+    model = tiny_net()
+    optimizer = make_optimizer(list(model.parameters()), "sgd", 0.05, 0.9, 0.0)
+    result = fit(model, train_loader, val_loader, optimizer, None, 3, hw, world=world)
+    built = build_model("resnet", 2, pretrained=False, freeze="all")
+    big = replace(PRE, crop_size=64, resize_size=72)
+    images = ImageSource(open_store(train + val, big.resize_size, root / "store"))
+
+    def image_batches(samples, training):
+        return images.batches(samples, CLASSES, big, BATCH, training, 0, hw, world=world)
+    _, features, _ = feature_loaders(built, train, val, BATCH, 2, hw, 0, out.parent / "cache", image_batches, world)
+    if world.main:
+        torch.save({"steps": len(train_loader), "history": result.history, "state": model.state_dict(),
+                    "embeddings": features.dataset.tensors}, out)
+
+
+@pytest.fixture(scope="module")
+def one_and_two(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    def samples(split, n):
+        return [Sample(str(make_image(root / split / f"{c}{i}.png", color, seed=hash((split, c, i)) % 999,
+                                      size=(80, 72))), c)
+                for c, color in CLASS_COLORS.items() for i in range(n)]
+    train, val = samples("train", 6), samples("val", 3)
+    results = []
+    for processes in (1, 2):
+        out = root / f"{processes}" / "result.pt"
+        out.parent.mkdir()
+        job = partial(train_and_embed, train=train, val=val, root=root, out=out)
+        job(SINGLE) if processes == 1 else spawn(job, processes, "cpu", "test")
+        results.append(torch.load(out))
+    return results
+
+
+def test_two_processes_take_the_steps_of_one_and_end_with_its_weights(one_and_two):
+    one, two = one_and_two
+    assert one["steps"] == two["steps"] == 3  # batch_size is the global batch
+    for a, b in zip(one["history"], two["history"]):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    for name, weights in one["state"].items():  # the same images, crops and steps: float rounding apart
+        assert torch.allclose(weights, two["state"][name], atol=1e-5), name
+
+
+def test_two_processes_embed_the_images_one_does_in_the_same_order(one_and_two):
+    one, two = one_and_two
+    (x1, y1), (x2, y2) = one["embeddings"], two["embeddings"]
+    assert x1.shape == x2.shape == (2 * 12, 512)
+    assert torch.equal(y1, y2)
+    assert torch.allclose(x1, x2, atol=1e-4)
+    assert not torch.allclose(x1[:12].sort(0).values, x1[12:].sort(0).values)  # two views: two draws
+
+
+def rank_processes(pid: int) -> list[int]:
+    """The training processes that a stage started (spawned Python processes below `pid`)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append((int(stat.parent.name), cmdline))
+    found, stack = [], [pid]
+    while stack:
+        for child, cmdline in children.get(stack.pop(), []):
+            stack.append(child)
+            if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+                found.append(child)
+    return found
+
+
+def snapshot(project: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(project)): p.read_bytes() for folder in ("models", "metrics", "reports", "logs")
+            for p in sorted((project / folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    project, env = tiny_project(tmp_path_factory.mktemp("dp"), epochs=2)
+    run(["dvc", "repro"], project, env)
+    git_commit(project, "one process")
+    return project, env
+
+
+def test_processes_2_through_dvc_exp_run(project):
+    project, env = project
+    one = {mode: json.loads((project / f"reports/train/{mode}.json").read_text()) for mode in ("finetune", "extract")}
+    result = run(["dvc", "exp", "run", "-S", "train.processes=2"], project, env)
+    assert "finetune: 2 processes" in result.stdout
+    for mode in ("finetune", "extract", "scratch"):
+        assert json.loads((project / f"metrics/train/{mode}.json").read_text())["world_size"] == 2
+    for mode, report in one.items():
+        two = json.loads((project / f"reports/train/{mode}.json").read_text())
+        assert two["optimizer_steps_per_epoch"] == report["optimizer_steps_per_epoch"] == 2
+        # Extract trains the head on the same cached embeddings, on the same batches: the same run.
+        # Finetune's dropout draws differ per process, so it only lands near.
+        tolerance = 1e-4 if mode == "extract" else 0.2
+        assert two["best_val_loss"] == pytest.approx(report["best_val_loss"], rel=tolerance)
+    assert sorted(p.name for p in (project / "models").iterdir()) == [
+        ".gitignore", "extract.pt", "finetune.pt", "scratch.pt"]  # one set of outputs
+    assert not list((project / "data/cache/resume").glob("*"))
+    assert "train.processes" in run(["dvc", "exp", "show", "--csv"], project, env).stdout
+
+
+def test_a_killed_process_stops_the_run_keeps_the_outputs_and_the_run_resumes(project):
+    project, env = project
+    good = snapshot(project)
+    command = ["dvc", "exp", "run", "-S", "train.processes=2", "-S", "train.epochs=4", "train-finetune"]
+    process = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    for line in process.stdout:
+        if line.startswith("epoch 1/4"):  # the state after epoch 1 is saved; epoch 2 is under way
+            os.kill(rank_processes(process.pid)[-1], signal.SIGKILL)
+            break
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert re.search(r"process [01] of 2 was killed by SIGKILL; stopped the others", stderr), stderr
+    assert "unchanged, as the last finished run left them: models/finetune.pt" in stderr
+    assert snapshot(project) == good
+    assert not rank_processes(os.getpid())
+    again = run(command, project, env)
+    assert "resuming after epoch 1" in again.stdout
+    assert json.loads((project / "metrics/train/finetune.json").read_text())["world_size"] == 2
+
+
+def test_the_stage_runs_under_torchrun(project):
+    project, env = project
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["processes"] = 1  # torchrun decides the number of processes
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    command = ["python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "transferlab.stages.train", "extract"]
+    run(command, project, {**env, "OMP_NUM_THREADS": "1"})
+    report = json.loads((project / "reports/train/extract.json").read_text())
+    assert report["world_size"] == 2 and report["optimizer_steps_per_epoch"] == 2
+
+
+def test_a_failing_process_stops_the_others_with_one_clear_error(capfd):
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=r"test: process 1 of 2 failed with exit code 1 \(its message is above\)"):
+        spawn(failing, 2, "cpu", "test")
+    assert time.perf_counter() - start < 50  # rank 0 was stopped, not waited for
+    assert "process 1: error: rank 1 cannot go on" in capfd.readouterr().err
+
+
+def failing(world: World) -> None:
+    if world.rank == 1:
+        raise UserError("rank 1 cannot go on")
+    time.sleep(60)
