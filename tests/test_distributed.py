@@ -3,6 +3,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import replace
@@ -23,11 +24,14 @@ from transferlab.features import feature_loaders
 from transferlab.hardware import pick_hardware
 from transferlab.images import Sample
 from transferlab.models import Preprocess, build_model
+from transferlab.stages.train import check_batch_size
 from transferlab.store import open_store
 
 PRE = Preprocess(crop_size=24, resize_size=28, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 CLASSES = list(CLASS_COLORS)
-BATCH = 5  # 12 training images: batches of 5, 5 and 2, shared 2+3, 2+3 and 1+1 by two processes
+# 11 training images: batches of 5, 5 and 1, shared 2+3, 2+3 and 0+1 by two processes; 6 val
+# images: 5 and 1. The empty shares are the hard case: every process must still step.
+BATCH = 5
 
 
 @pytest.mark.parametrize("size", [1, 2, 3])
@@ -71,7 +75,7 @@ def one_and_two(tmp_path_factory):
         return [Sample(str(make_image(root / split / f"{c}{i}.png", color, seed=hash((split, c, i)) % 999,
                                       size=(80, 72))), c)
                 for c, color in CLASS_COLORS.items() for i in range(n)]
-    train, val = samples("train", 6), samples("val", 3)
+    train, val = samples("train", 6)[:-1], samples("val", 3)
     results = []
     for processes in (1, 2):
         out = root / f"{processes}" / "result.pt"
@@ -95,10 +99,10 @@ def test_two_processes_take_the_steps_of_one_and_end_with_its_weights(one_and_tw
 def test_two_processes_embed_the_images_one_does_in_the_same_order(one_and_two):
     one, two = one_and_two
     (x1, y1), (x2, y2) = one["embeddings"], two["embeddings"]
-    assert x1.shape == x2.shape == (2 * 12, 512)
+    assert x1.shape == x2.shape == (2 * 11, 512)
     assert torch.equal(y1, y2)
     assert torch.allclose(x1, x2, atol=1e-4)
-    assert not torch.allclose(x1[:12].sort(0).values, x1[12:].sort(0).values)  # two views: two draws
+    assert not torch.allclose(x1[:11].sort(0).values, x1[11:].sort(0).values)  # two views: two draws
 
 
 def rank_processes(pid: int) -> list[int]:
@@ -174,16 +178,27 @@ def test_a_killed_process_stops_the_run_keeps_the_outputs_and_the_run_resumes(pr
     assert json.loads((project / "metrics/train/finetune.json").read_text())["world_size"] == 2
 
 
-def test_the_stage_runs_under_torchrun(project):
+def test_the_stage_runs_under_torchrun_as_on_two_machines(project):
+    """The README's multi-machine command, both "machines" here: two torchrun agents meeting at
+    one rendezvous endpoint, one process each."""
     project, env = project
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["processes"] = 1  # torchrun decides the number of processes
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    command = ["python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "transferlab.stages.train", "extract"]
-    run(command, project, {**env, "OMP_NUM_THREADS": "1"})
-    report = json.loads((project / "reports/train/extract.json").read_text())
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    command = ["torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+               f"127.0.0.1:{port}", "-m", "transferlab.stages.train", "finetune"]
+    nodes = [subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
+    assert sum("finetune: best val accuracy" in out for out in outputs) == 1  # rank 0 alone reports and writes
+    report = json.loads((project / "reports/train/finetune.json").read_text())
     assert report["world_size"] == 2 and report["optimizer_steps_per_epoch"] == 2
+    run(["dvc", "commit", "-f", "train-finetune"], project, env)
+    assert "train-finetune" not in run(["dvc", "status", "train-finetune"], project, env).stdout
 
 
 def test_a_failing_process_stops_the_others_with_one_clear_error(capfd):
@@ -198,3 +213,9 @@ def failing(world: World) -> None:
     if world.rank == 1:
         raise UserError("rank 1 cannot go on")
     time.sleep(60)
+
+
+def test_a_batch_smaller_than_the_number_of_processes_is_refused():
+    with pytest.raises(UserError, match="train.batch_size is 1, fewer images than the 2 training processes"):
+        check_batch_size(1, 2)
+    check_batch_size(2, 2)

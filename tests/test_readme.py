@@ -36,6 +36,10 @@ RUN_BY = {
     r"dvc exp push origin --rev HEAD": "tests/test_remote.py",
     r"dvc exp pull origin --rev HEAD": "tests/test_remote.py",
     r"TRANSFERLAB_DATA_MIRROR=\S+ dvc exp run -S model=efficientnet_lite0": "tests/test_real_data.py (the mirror, offline)",
+    r"dvc exp run -S train\.processes=2": "tests/test_distributed.py::test_processes_2_through_dvc_exp_run",
+    r"torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint \S+ -m transferlab\.stages\.train \w+":
+        "tests/test_distributed.py::test_the_stage_runs_under_torchrun_as_on_two_machines (both agents here)",
+    r"dvc commit -f train-finetune": "tests/test_distributed.py::test_the_stage_runs_under_torchrun_as_on_two_machines",
     r"python benchmarks/\w+\.py.*": "benchmarks, run by hand; their figures are in this README",
     r"from transferlab import Classifier": "tests/test_predict.py::test_three_lines_from_checkpoint_to_predictions",
     r"classifier = Classifier\.load\(.*\)": "tests/test_predict.py::test_three_lines_from_checkpoint_to_predictions",

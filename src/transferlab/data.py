@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler,
+                              default_collate)
 from torchvision import transforms as T
 
 from transferlab.distributed import SINGLE, World
@@ -121,7 +122,14 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, wor
     generator = torch.Generator().manual_seed(seed)
     order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
     return DataLoader(dataset, batch_sampler=ShareOfBatches(BatchSampler(order, batch_size, False), world),
-                      num_workers=workers, pin_memory=pin_memory, worker_init_fn=_seed_worker, generator=generator)
+                      num_workers=workers, pin_memory=pin_memory, worker_init_fn=_seed_worker, generator=generator,
+                      collate_fn=collate_share)
+
+
+def collate_share(batch: list):
+    """DataLoader's default collation; for an empty share of a batch, empty tensors (the loop
+    skips them, or stands in for them while training)."""
+    return default_collate(batch) if batch else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
 
 
 class ShareOfBatches(Sampler):

@@ -114,6 +114,9 @@ def set_train_mode(model: nn.Module) -> None:
             module.eval()
 
 
+IGNORED = -100  # nn.CrossEntropyLoss's ignore_index: such a target adds nothing to loss or gradient
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, hw: Hardware,
                     scaler: torch.amp.GradScaler, aux_loss_weight: float = 0.4,
                     desc: str = "train", batch_scheduler=None, world: World = SINGLE) -> EpochStats:
@@ -125,12 +128,17 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     # the host wait for the GPU every step.
     total_loss = torch.zeros((), device=hw.device, dtype=torch.float64)
     correct = torch.zeros((), device=hw.device, dtype=torch.int64)
-    seen, start = 0, time.perf_counter()
+    seen, start, stand_in = 0, time.perf_counter(), None
     for images, targets in tqdm(loader, desc=desc, leave=False, disable=None if world.main else True):
         images, targets = hw.to_device(images), targets.to(hw.device, non_blocking=hw.pin_memory)
+        images_here = len(targets)
+        if images_here:
+            stand_in = images[:1]
+        else:  # an empty share of a last batch: every process must step, so one image that counts nothing
+            images, targets = stand_in, torch.full((1,), IGNORED, device=hw.device)
         # The mean over the whole batch, however it is shared: the gradient averaging over the
         # processes divides by their number, so each process's sum is scaled by it.
-        batch_images = world.total(torch.tensor(len(targets), device=hw.device, dtype=torch.float32))
+        batch_images = world.total(torch.tensor(images_here, device=hw.device, dtype=torch.float32))
         with hw.autocast():
             logits, aux = split_outputs(model(images))
             loss_sum = criterion(logits, targets) + sum(aux_loss_weight * criterion(a, targets) for a in aux)
@@ -143,7 +151,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             batch_scheduler.step()
         total_loss += loss_sum.detach()
         correct += (logits.argmax(1) == targets).sum()
-        seen += len(targets)
+        seen += images_here
     return all_processes(world, total_loss.item(), correct.item(), seen, time.perf_counter() - start)
 
 
@@ -160,6 +168,8 @@ def predict(model: nn.Module, loader, hw: Hardware, desc: str = "eval", show: bo
     probs, targets, start = [], [], time.perf_counter()
     total_loss = torch.zeros((), device=hw.device, dtype=torch.float64)
     for images, batch_targets in tqdm(loader, desc=desc, leave=False, disable=None if show else True):
+        if not len(batch_targets):  # this process's empty share of a last, small batch
+            continue
         images, batch_targets = hw.to_device(images), batch_targets.to(hw.device)
         with hw.autocast():
             logits, _ = split_outputs(model(images))
@@ -167,6 +177,8 @@ def predict(model: nn.Module, loader, hw: Hardware, desc: str = "eval", show: bo
         total_loss += criterion(logits, batch_targets)
         probs.append(logits.softmax(1))
         targets.append(batch_targets)
+    if not probs:  # every share of this process was empty
+        probs, targets = [torch.zeros(0, 0, dtype=torch.float64)], [torch.zeros(0, dtype=torch.long)]
     probs_np, targets_np = torch.cat(probs).cpu().numpy(), torch.cat(targets).cpu().numpy()
     n = len(targets_np)  # 0 for a process whose shares of the batches were all empty
     accuracy = float((probs_np.argmax(1) == targets_np).mean()) if n else 0.0

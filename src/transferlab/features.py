@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from transferlab.caches import mark_used
-from transferlab.data import ShareOfBatches
+from transferlab.data import ShareOfBatches, collate_share
 from transferlab.distributed import SINGLE, World
 from transferlab.errors import UserError, warn
 from transferlab.files import atomic_path, no_space_message, remove, write_json
@@ -71,6 +71,8 @@ def embed(model: nn.Module, head: nn.Module, loader: Iterable, hw: Hardware, che
     model.eval()
     try:
         for images, targets in loader:
+            if not len(targets):  # this process's empty share of a last, small batch
+                continue
             with hw.autocast():
                 outputs = model(hw.to_device(images))
                 if check is not None:
@@ -115,9 +117,10 @@ def feature_loaders(built: BuiltModel, train: list[Sample], val: list[Sample], b
     train_x, train_y, val_x, val_y = cached if cached is not None else _open(folder)
     train_set = TensorDataset(train_x.flatten(0, 1), train_y)
     sampler = RandomSampler(train_set, num_samples=len(train), generator=torch.Generator().manual_seed(seed))
-    train_loader = DataLoader(train_set, batch_sampler=ShareOfBatches(BatchSampler(sampler, batch_size, False), world))
-    val_batches = BatchSampler(SequentialSampler(val_x), batch_size, False)
-    val_loader = DataLoader(TensorDataset(val_x, val_y), batch_sampler=ShareOfBatches(val_batches, world))
+    train_batches = ShareOfBatches(BatchSampler(sampler, batch_size, False), world)
+    train_loader = DataLoader(train_set, batch_sampler=train_batches, collate_fn=collate_share)
+    val_batches = ShareOfBatches(BatchSampler(SequentialSampler(val_x), batch_size, False), world)
+    val_loader = DataLoader(TensorDataset(val_x, val_y), batch_sampler=val_batches, collate_fn=collate_share)
     return head_only, train_loader, val_loader
 
 

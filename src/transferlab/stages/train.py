@@ -44,16 +44,25 @@ def main(mode: str) -> None:
     if started_by_torchrun():
         world = join(train.device)
         try:
+            check_batch_size(train.batch_size, world.size)
             run(mode, world)
         finally:
             leave()
         return
     processes = resolve_processes(train.processes, train.device)
+    check_batch_size(train.batch_size, processes)
     if processes == 1:
         run(mode, SINGLE)
     else:
         print(f"{mode}: {processes} processes, each computing a share of every batch", flush=True)
         spawn(partial(run, mode), processes, train.device, f"{mode} training")
+
+
+def check_batch_size(batch_size: int, processes: int) -> None:
+    if batch_size < processes:
+        raise UserError(f"train.batch_size is {batch_size}, fewer images than the {processes} training processes "
+                        f"share: each needs at least one of every full batch. Raise batch_size or lower "
+                        f"train.processes")
 
 
 def run(mode: str, world: World) -> None:
