@@ -51,11 +51,16 @@ class World:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
-    def total(self, count: torch.Tensor) -> torch.Tensor:
-        """A count on the device, summed over the processes (without a host round trip on a GPU)."""
-        if self.size > 1:
-            dist.all_reduce(count)
-        return count
+    def mean_scale(self, images_here: int, device: torch.device) -> float | torch.Tensor:
+        """What turns this process's summed loss into its part of the whole batch's mean loss:
+        DDP's gradient averaging divides by the number of processes, so that number over the
+        batch's images, counted over all processes (in a world of one, no device tensor: no copy
+        to a GPU per step)."""
+        if self.size == 1:
+            return 1.0 / images_here
+        count = torch.tensor(float(images_here), device=device)
+        dist.all_reduce(count)
+        return self.size / count
 
     def broadcast(self, value):
         """Rank 0's `value`, on every process (any picklable object)."""

@@ -136,13 +136,11 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             stand_in = images[:1]
         else:  # an empty share of a last batch: every process must step, so one image that counts nothing
             images, targets = stand_in, torch.full((1,), IGNORED, device=hw.device)
-        # The mean over the whole batch, however it is shared: the gradient averaging over the
-        # processes divides by their number, so each process's sum is scaled by it.
-        batch_images = world.total(torch.tensor(images_here, device=hw.device, dtype=torch.float32))
+        scale = world.mean_scale(images_here, hw.device)  # the whole batch's mean, however it is shared
         with hw.autocast():
             logits, aux = split_outputs(model(images))
             loss_sum = criterion(logits, targets) + sum(aux_loss_weight * criterion(a, targets) for a in aux)
-            loss = loss_sum * (world.size / batch_images)
+            loss = loss_sum * scale
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
