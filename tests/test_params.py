@@ -56,6 +56,8 @@ def test_exponent_without_dot_is_a_float(raw):
     (lambda r: r["train"].update(channels_last="maybe"), "train.channels_last", "true or false"),
     (lambda r: r["train"].update(keep_freed_memory="yes"), "train.keep_freed_memory", "true or false"),
     (lambda r: r["train"].update(workers=-1), "train.workers", "0 or more"),
+    (lambda r: r["train"].update(processes=0), "train.processes", "1 or more, or auto"),
+    (lambda r: r["train"].update(processes="many"), "train.processes", "auto"),
     (lambda r: r["split"].update(val_fraction=1.5), "split.val_fraction", "between 0 and 1"),
     (lambda r: r["data"].update(sha256="abc"), "data.sha256", "64 hex digits"),
     (lambda r: r["evaluate"].update(batch_size=0), "evaluate.batch_size", "greater than 0"),
