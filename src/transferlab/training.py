@@ -43,10 +43,11 @@ def prepare(built: BuiltModel, classes: list[str], samples: dict[str, list[Sampl
     """
     pre, views = built.preprocess, train.feature_views
     head_only = train.cache_features and not backbone_trains(built)
-    n_train, n_val = len(samples["train"]), len(samples["val"])
+    # What each process computes: its share of the images, in shares of the batches.
+    n_train, n_val = -(-len(samples["train"]) // world.size), -(-len(samples["val"]) // world.size)
+    share = -(-train.batch_size // world.size)
     work = Workload(built.model, pre.crop_size, train_images=0 if head_only else n_train,
-                    infer_images=n_val + (views * n_train if head_only else 0),
-                    train_batch=train.batch_size, infer_batch=train.batch_size)
+                    infer_images=n_val + (views * n_train if head_only else 0), train_batch=share, infer_batch=share)
 
     def input_seconds(tensor: bool) -> float:
         return time_inputs(source, samples["train"], classes, pre, train.batch_size, hw, tensor)
