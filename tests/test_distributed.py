@@ -17,7 +17,7 @@ from conftest import CLASS_COLORS, git_commit, make_image, run, tiny_project
 from torch import nn
 
 from transferlab.data import ImageSource
-from transferlab.distributed import SINGLE, World, spawn
+from transferlab.distributed import SINGLE, World, backend_for, spawn
 from transferlab.engine import fit, make_optimizer, seed_everything
 from transferlab.errors import UserError
 from transferlab.features import feature_loaders
@@ -39,6 +39,29 @@ BATCH = 5
 def test_the_shares_of_a_batch_cover_it_once(n, size):
     rows = [i for rank in range(size) for i in range(n)[World(rank, size).shard(n)]]
     assert rows == list(range(n))
+
+
+def served_devices(backend: str) -> set[str]:
+    """The device types whose tensors a process-group backend string moves."""
+    if ":" in backend:  # "cpu:gloo,cuda:nccl"
+        return {pair.split(":")[0] for pair in backend.split(",")}
+    return {"cpu", "cuda"} if backend == "gloo" else {"cuda"}  # nccl: CUDA tensors only
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_every_collective_runs_on_a_backend_that_moves_its_tensors(monkeypatch, cuda):
+    """A recording process group: the tensors World's collectives hand to torch.distributed must
+    live on a device the run's backend serves (nccl alone would fail on the CPU stats at epoch end)."""
+    import torch.distributed as dist
+
+    devices = []
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *args, **kwargs: devices.append(tensor.device.type))
+    world = World(rank=0, size=2)
+    world.sum([1.0, 2.0])
+    world.mean_scale(3, torch.device("cpu"))
+    assert devices == ["cpu", "cpu"]
+    assert set(devices) <= served_devices(backend_for(cuda))
+    assert "cuda" in served_devices(backend_for(True))  # DDP's gradients, and mean_scale on a GPU
 
 
 def tiny_net() -> nn.Module:  # no BatchNorm: its statistics are each process's own, by design

@@ -107,7 +107,7 @@ def started_by_torchrun() -> bool:
 
 
 def join(device: str) -> World:
-    """Join the process group that torchrun's environment describes (gloo on CPU, nccl on CUDA)."""
+    """Join the process group that torchrun's environment describes (backend_for says which backends)."""
     world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)),
                   int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
     _init(world, "env://", device)
@@ -120,8 +120,14 @@ def _init(world: World, init_method: str, device: str) -> None:
         torch.cuda.set_device(world.local_rank)
     else:  # the processes share this machine's cores; more threads than cores only contend
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=world.rank,
-                            world_size=world.size)
+    dist.init_process_group(backend_for(cuda), init_method=init_method, rank=world.rank, world_size=world.size)
+
+
+def backend_for(cuda: bool) -> str:
+    """The process group's backend per device type. nccl moves CUDA tensors only, and some of our
+    collectives carry small CPU tensors (the epoch's stats) or pickled objects, which torch sends
+    as CPU tensors when gloo is among the backends: so on CUDA, gloo for CPU and nccl for CUDA."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
 def leave() -> None:

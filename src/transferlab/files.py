@@ -7,16 +7,19 @@ is no longer alive (`remove_stale_temps`), never those of a writer still running
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import json
 import os
 import shutil
 import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
-from transferlab.errors import UserError
+from transferlab.errors import UserError, warn
 
 # The C library's codes for "no space left" and "disk quota exceeded".
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
@@ -32,6 +35,7 @@ def atomic_path(path: str | Path, size_hint: int | None = None) -> Iterator[Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes it 0600; an output is as readable as open() makes it
     os.close(fd)
     try:
         with no_space_message(path, size_hint):
@@ -50,6 +54,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"))
+    tmp.chmod(0o777 & ~umask())  # mkdtemp makes it 0700
     try:
         with no_space_message(path):
             yield tmp
@@ -63,15 +68,60 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def swap_in(new: Path, target: Path) -> None:
-    """Replace folder `target` with folder `new` (same filesystem) in two renames."""
+    """Replace folder `target` with folder `new` (same filesystem). On Linux one atomic exchange:
+    no moment without a `target`. Elsewhere two renames, the old folder parked as
+    `.<target>.<pid>.old.tmp` between them: a crash there leaves it, and `remove_stale_temps`
+    puts it back rather than delete it."""
+    if target.exists() and _exchange(new, target):  # `new` now holds the old folder
+        fsync_dir(target.parent)
+        remove(new)
+        return
     old = None
     if target.exists():
-        old = target.with_name(f".{target.name}.{os.getpid()}.old.tmp")
+        old = target.with_name(f".{target.name}.{os.getpid()}{OLD_SUFFIX}")
         os.replace(target, old)
     os.replace(new, target)
     fsync_dir(target.parent)
     if old is not None:
         remove(old)
+
+
+OLD_SUFFIX = ".old.tmp"
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux's renameat2(RENAME_EXCHANGE); False where the C
+    library or the filesystem lacks it (then the caller renames twice)."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_cwd = -100  # AT_FDCWD: paths relative to the working folder, as os.replace takes them
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM):  # not supported here: fall back
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def umask() -> int:
+    """The process's umask, which teammates sharing a project or cache folder rely on."""
+    try:
+        with open("/proc/self/status") as f:  # read without changing it (Linux)
+            return int(next(line.split()[1] for line in f if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)  # elsewhere the only way to read it is to set it, then set it back
+        os.umask(mask)
+        return mask
 
 
 def remove(path: Path) -> None:
@@ -101,13 +151,22 @@ def fsync_dir(path: str | Path) -> None:
 
 
 def remove_stale_temps(folder: str | Path) -> list[Path]:
-    """Delete temporary files and folders in `folder` left by writers that are no longer running."""
+    """Delete temporary files and folders in `folder` left by writers that are no longer running;
+    an old folder parked by a swap that died half-way goes back to its place if that is empty."""
     removed = []
     for tmp in Path(folder).glob(".*.tmp"):
         pid = _writer_pid(tmp.name)
-        if pid is not None and pid != os.getpid() and not _alive(pid):
-            remove(tmp)
-            removed.append(tmp)
+        if pid is None or pid == os.getpid() or _alive(pid):
+            continue
+        target = tmp.with_name(tmp.name[1:-len(OLD_SUFFIX)].rsplit(".", 1)[0]) if tmp.name.endswith(OLD_SUFFIX) \
+            else None
+        if target is not None and not os.path.lexists(target):
+            os.replace(tmp, target)
+            fsync_dir(target.parent)
+            warn(f"{target}: put back the previous version, which a run that died mid-swap had set aside")
+            continue
+        remove(tmp)
+        removed.append(tmp)
     return removed
 
 
@@ -193,13 +252,25 @@ def atomic_writer(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """Hold SIGINT and SIGTERM until the block ends: a stage's outputs are replaced all together or
-    not at all, never half of them."""
-    deferred = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
+    not at all, never half of them.
+
+    A signal mask would not do: it holds only for the thread that sets it, and the kernel hands a
+    process's signal to any thread that does not block it (torch's OpenMP threads, tqdm's monitor);
+    CPython then runs the Python handler in the main thread anyway, inside the block. So the
+    handlers themselves are replaced by one that notes the signal, which is raised again after."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread has handlers
+        yield
+        return
+    received: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:
+            signal.raise_signal(received[0])  # its own handler runs now: the block is done
 
 
 @contextlib.contextmanager
