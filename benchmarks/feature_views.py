@@ -55,7 +55,8 @@ def main() -> None:
             checkpoint = load_checkpoint("models/extract.pt")
             source = ImageSource(open_split_store(Path("data/split"), checkpoint["preprocess"]["resize_size"],
                                                   Path("data/cache")))
-            predictions, _ = predict_test(checkpoint, read_split("data/split/test.csv"), source, 8, pick_hardware())
+            predictions, _ = predict_test(checkpoint, read_split("data/split/test.csv"), source, 8,
+                                          pick_hardware(precision="fp32", channels_last=False))
             hits = int((predictions.probs.argmax(1) == predictions.targets).sum())
             accuracies.append(hits / len(predictions.targets))
             correct.append(hits)

@@ -78,6 +78,9 @@ def test_repro_then_experiment_then_metrics_diff(tmp_path):
         assert 0 <= m["accuracy_ci95_low"] <= m["accuracy"] <= m["accuracy_ci95_high"] <= 1
         assert set(m) == {"accuracy", "accuracy_ci95_low", "accuracy_ci95_high", "balanced_accuracy", "roc_auc"}
         assert details[mode]["images"] == 8 and details[mode]["inference_images_per_s"] > 0
+        # Test metrics do not hang on a timing: fp32 in the plain layout, nothing measured.
+        assert (details[mode]["precision"], details[mode]["channels_last"], details[mode]["auto_decision"]) == \
+            ("fp32", False, None)
     assert "mcnemar_p" in details["finetune_vs_scratch"] and details["classes"] == ["ants", "bees"]
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], project, env).stdout)
     numbers = [v for files in shown.values() for f in files["data"].values() for m in f["data"].values()

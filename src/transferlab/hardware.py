@@ -4,11 +4,13 @@ no device branches.
 `auto` is decided by measurement on the machine at hand, never by a rule from another machine
 (bf16 is 3x faster on a CPU with AMX and slower on one with only AVX-512 BF16 or less; on a GPU at
 batch 8 autocast adds cast kernels and channels-last slows depthwise convolutions). Each candidate
-runs a few real steps of the real model at every batch shape the run will meet (so first-call
-costs, such as cuDNN's autotuning, are paid here and not mid-epoch), within a time box that drops
-a candidate that stalls. The winner and every candidate's timing are recorded in the stage's
-report, and cached by device, torch version, model and batch shapes, so a re-run does not measure
-again. An explicit setting in params.yaml is used as given.
+first runs every batch shape the run will meet (so first-call costs, such as cuDNN's autotuning,
+are paid here and not mid-epoch), within a time box that drops a candidate that stalls; then the
+candidates take turns, round after round, and each is scored by its median. A less precise or less
+common candidate wins only by more than the measurement's own spread (at least 5%): two fresh
+runs on one machine then decide alike. The winner and every candidate's timing are recorded in
+the stage's report, and cached by device, torch version, model and batch shapes, so a re-run
+does not measure again. An explicit setting in params.yaml is used as given.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -128,6 +131,7 @@ class Workload:
 
 
 INPUT_PATHS = {"DataLoader + PIL": False, "tensor batches": True}
+DECISION_FORMAT = 2  # 2: interleaved rounds, medians and their noise (1: three steps each, one after the other)
 
 
 def decide(hw: Hardware, work: Workload, cache_dir: Path, key_parts: list,
@@ -139,7 +143,7 @@ def decide(hw: Hardware, work: Workload, cache_dir: Path, key_parts: list,
     if not auto and not measure_inputs:
         return hw
     candidates = candidate_settings(hw, auto) if auto else {}
-    key = hashlib.sha256(json.dumps([machine_name(hw.device), torch.__version__, torch.get_num_threads(),
+    key = hashlib.sha256(json.dumps([DECISION_FORMAT, machine_name(hw.device), torch.__version__, torch.get_num_threads(),
                                      work.crop_size, work.shapes(), key_parts, sorted(candidates),
                                      measure_inputs], sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = Path(cache_dir) / "hardware" / f"decision-{key}.json"
@@ -148,7 +152,8 @@ def decide(hw: Hardware, work: Workload, cache_dir: Path, key_parts: list,
     if measured_now:
         # Measuring draws random numbers; the run's own draws must not depend on whether it did.
         with torch.random.fork_rng(devices=[hw.device] if hw.device.type == "cuda" else []):
-            cached = {"model": time_candidates(hw, candidates, work),
+            model_times, noise = time_candidates(hw, candidates, work) if candidates else ({}, 0.0)
+            cached = {"model": model_times, "noise": noise,
                       "inputs": {name: input_seconds(tensor) for name, tensor in INPUT_PATHS.items()}
                       if measure_inputs else {}}
         write_json(path, cached)
@@ -158,7 +163,9 @@ def decide(hw: Hardware, work: Workload, cache_dir: Path, key_parts: list,
         if not usable:
             raise UserError(f"every candidate setting failed or stalled on {hw.device}: {cached['model']}; set "
                             f"train.precision and train.channels_last explicitly")
-        decision["chosen"] = best = pick_fastest(usable, list(candidates))
+        margin = max(MIN_MARGIN, 2 * cached["noise"])  # a win within the measurement's spread is no win
+        decision["margin"] = round(margin, 3)
+        decision["chosen"] = best = pick_fastest(usable, list(candidates), margin)
         hw = replace(hw, amp_dtype=DTYPES[candidates[best]["precision"]],
                      channels_last=candidates[best]["channels_last"])
     if measure_inputs:
@@ -167,7 +174,7 @@ def decide(hw: Hardware, work: Workload, cache_dir: Path, key_parts: list,
     return replace(hw, decision=decision)
 
 
-def pick_fastest(timings: dict[str, float], order: list[str], margin: float = 0.03) -> str:
+def pick_fastest(timings: dict[str, float], order: list[str], margin: float = 0.05) -> str:
     """The fastest candidate; within `margin` of it, the earliest in `order` (the simpler setting)."""
     fastest = min(timings.values())
     return next(name for name in order if name in timings and timings[name] <= fastest * (1 + margin))
@@ -187,62 +194,80 @@ def candidate_settings(hw: Hardware, auto: list[str]) -> dict[str, dict]:
             for p in precisions for cl in layouts}
 
 
-def time_candidates(hw: Hardware, candidates: dict[str, dict], work: Workload) -> dict[str, float | None]:
-    """Seconds per image of each candidate, simplest first. A candidate is dropped (None) when it
-    fails, or when it has run twice as long as the whole of the fastest one so far (a stall, such
-    as a first call of a shape that takes seconds, or a dtype the hardware only emulates)."""
-    timings, fastest = {}, None
+# A candidate other than the simplest must beat it by more than the measurement's own noise, and by
+# at least this much: a smaller gain is not worth a less precise or less common setting.
+MIN_MARGIN = 0.05
+ROUNDS = 5
+
+
+def time_candidates(hw: Hardware, candidates: dict[str, dict], work: Workload,
+                    rounds: int = ROUNDS) -> tuple[dict[str, float | None], float]:
+    """Seconds per image of each candidate (the median of `rounds`; None if dropped), simplest
+    first, and the measurement's noise: the largest relative interquartile range of a candidate.
+
+    Every candidate first warms up every batch shape (first calls build kernels, seconds for some
+    dtypes and layouts); one that fails, or whose warm-up takes more than twice the fastest
+    warm-up so far (a stall, or a dtype the hardware only emulates), is dropped. Then the rounds
+    interleave the candidates, each round starting with another, so that a machine that slows
+    down or speeds up while measuring (another process, turbo, heat) favours none of them."""
+    model = copy.deepcopy(work.model)  # one copy for all: layout is switched, precision is autocast
+    steppers, fastest = {}, None
     for name, settings in candidates.items():
-        box = 60.0 if fastest is None else max(1.0, 2 * fastest)
         start = time.perf_counter()
-        timings[name] = time_candidate(hw, settings, work, box)
-        if timings[name] is not None:
+        steppers[name] = _warm_up(hw, settings, work, model, 60.0 if fastest is None else max(1.0, 2 * fastest))
+        if steppers[name] is not None:
             elapsed = time.perf_counter() - start
             fastest = elapsed if fastest is None else min(fastest, elapsed)
-    return timings
+    usable = [name for name, step in steppers.items() if step is not None]
+    samples = {name: [] for name in usable}
+    for r in range(rounds if usable else 0):
+        for name in usable[r % len(usable):] + usable[:r % len(usable)]:
+            samples[name].append(steppers[name]())
+    noise = max(((_quartile(t, 3) - _quartile(t, 1)) / statistics.median(t) for t in samples.values()), default=0.0)
+    return {name: statistics.median(samples[name]) if name in samples else None for name in candidates}, noise
 
 
-def time_candidate(hw: Hardware, settings: dict, work: Workload, box_seconds: float, steps: int = 3) -> float | None:
-    """Seconds per epoch-weighted image for one candidate, after warming up every shape; None if
-    it fails or runs past `box_seconds`."""
+def _quartile(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=4, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def _warm_up(hw: Hardware, settings: dict, work: Workload, model: nn.Module,
+             box_seconds: float) -> Callable[[], float] | None:
+    """A function that times one round of a candidate: seconds per epoch-weighted image (one step
+    per phase, at full batch); None if the warm-up fails or runs past `box_seconds`."""
     trial = replace(hw, amp_dtype=DTYPES[settings["precision"]], channels_last=settings["channels_last"])
-    model = trial.prepare(copy.deepcopy(work.model))
     step = _stepper(model, trial)
     start = time.perf_counter()
-
-    def overran() -> bool:
-        return time.perf_counter() - start > box_seconds
     try:
         for size, train in work.shapes():
             step(size, train, work.crop_size)
-            if overran():
+            if time.perf_counter() - start > box_seconds:
                 return None
-        cost = 0.0
-        for images, batch, train in ((work.train_images, work.train_batch, True),
-                                     (work.infer_images, work.infer_batch, False)):
-            if images:
-                size = min(batch, images)
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    step(size, train, work.crop_size)
-                    if overran():
-                        return None
-                cost += images * (time.perf_counter() - t0) / (steps * size)
-        return cost / (work.train_images + work.infer_images)
     except (RuntimeError, NotImplementedError) as err:  # an op without a kernel for this dtype/layout
         warn(f"hardware candidate {settings} failed on {hw.device}: {str(err).splitlines()[0]}")
         return None
-    finally:
-        del model
+    phases = [(images, min(batch, images), train) for images, batch, train in
+              ((work.train_images, work.train_batch, True), (work.infer_images, work.infer_batch, False)) if images]
+
+    def one_round() -> float:
+        cost = 0.0
+        for images, size, train in phases:
+            t0 = time.perf_counter()
+            step(size, train, work.crop_size)
+            cost += images * (time.perf_counter() - t0) / size
+        return cost / (work.train_images + work.infer_images)
+    return one_round
 
 
 def _stepper(model: nn.Module, hw: Hardware) -> Callable[[int, bool, int], None]:
-    """One training step (forward, backward, optimizer) or one inference forward on random input."""
+    """One training step (forward, backward, optimizer) or one inference forward on random input,
+    with `model` in `hw`'s layout (switched at each call: candidates share the model)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9) if params else None
     scaler = hw.grad_scaler()
 
     def step(size: int, train: bool, crop: int) -> None:
+        hw.prepare(model)
         images = hw.to_device(torch.randn(size, 3, crop, crop))
         if train and optimizer is not None:
             model.train()
@@ -271,7 +296,7 @@ def _read_decision(path: Path, candidates: dict, measure_inputs: bool) -> dict |
         cached = json.loads(path.read_text())
         times = list(cached["model"].values()) + list(cached["inputs"].values())
         if set(cached["model"]) != set(candidates) or bool(cached["inputs"]) != measure_inputs \
-                or not all(t is None or t > 0 for t in times):
+                or not all(t is None or t > 0 for t in times) or not float(cached["noise"]) >= 0:
             raise ValueError("not the candidates asked for")
         return cached
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
@@ -294,11 +319,6 @@ def machine_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"{device.type}: {cpu}"
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 runs natively (not necessarily faster: that is measured)."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt() parameters, from glibc's malloc.h

@@ -111,6 +111,8 @@ class TrainParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int
+    precision: Literal["auto", "fp32", "bf16", "fp16"]
+    channels_last: Union[bool, Literal["auto"]]
 
     def check(self, key: str) -> None:
         _require(self.batch_size > 0, f"{key}.batch_size", f"is {self.batch_size}; it must be greater than 0")

@@ -29,7 +29,7 @@ def main() -> None:
     require_inputs({str(TEST_CSV): "split", **{f"models/{mode}.pt": f"train-{mode}" for mode in MODES}})
     params = load_params()
     seed_everything(params.seed)
-    hw = pick_hardware()
+    hw = pick_hardware(precision=params.evaluate.precision, channels_last=params.evaluate.channels_last)
     samples = read_split(TEST_CSV)
     report, right, rows, sources = {"classes": None}, {}, {}, {}
     for mode in MODES:
@@ -58,7 +58,8 @@ def main() -> None:
 
 def predict_test(checkpoint: dict, samples: list[Sample], source: ImageSource, batch_size: int,
                  hw: Hardware) -> tuple[Predictions, Hardware]:
-    """The checkpoint's class probabilities for every test image, on the fastest measured settings."""
+    """The checkpoint's class probabilities for every test image, at evaluate's precision and layout
+    (measured only where params.yaml says auto)."""
     model = rebuild_model(checkpoint["arch"], checkpoint["arch_kwargs"], len(checkpoint["classes"]),
                           head_of(checkpoint))
     model.load_state_dict(checkpoint["state_dict"])

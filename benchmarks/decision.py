@@ -1,0 +1,69 @@
+"""Does `auto` pick what is fastest in the steady state, and the same thing every time?
+
+    python benchmarks/decision.py [--model efficientnet_lite0] [--mode finetune] [--repeats 5] [--steps 20]
+
+Runs the hardware decision `--repeats` times from an empty cache (the train stage's workload:
+hymenoptera's 195 train and 49 val images at batch 8), then times every candidate in the steady
+state: `--steps` training steps each after three warm-up steps, in turns. Prints the decisions, the
+margin each used, and each candidate's steady images/s as a ratio to fp32 measured in the same run.
+"""
+import argparse
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from transferlab.hardware import Workload, candidate_settings, decide, pick_hardware
+from transferlab.models import HeadSpec, build_for_mode
+
+
+def steady_images_per_second(model, settings: dict, crop: int, steps: int, batch: int = 8) -> float:
+    trial = pick_hardware("cpu", settings["precision"], settings["channels_last"], 0)
+    trial.prepare(model)
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
+    images, targets = torch.randn(batch, 3, crop, crop), torch.randint(0, 2, (batch,))
+    for step in range(steps + 3):
+        if step == 3:
+            start = time.perf_counter()
+        with trial.autocast():
+            loss = torch.nn.functional.cross_entropy(model(trial.to_device(images)).float(), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--mode", default="finetune")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    built = build_for_mode(args.model, 2, args.mode, HeadSpec(), "none" if args.mode != "extract" else "all")
+    crop = built.preprocess.crop_size
+    work = Workload(built.model, crop, train_images=195, infer_images=49, train_batch=8, infer_batch=8)
+    decisions, seconds = [], []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        hw = decide(pick_hardware("cpu", "auto", "auto", 0), work, Path(tempfile.mkdtemp()), [args.model])
+        seconds.append(time.perf_counter() - start)
+        decisions.append((hw.decision["chosen"], hw.decision["margin"]))
+        print(f"decided {hw.decision['chosen']} (margin {hw.decision['margin']:.1%}, "
+              f"noise {hw.decision['seconds_per_image']['noise']:.1%}) in {seconds[-1]:.0f} s", flush=True)
+    candidates = candidate_settings(pick_hardware("cpu", "auto", "auto", 0), ["precision", "channels_last"])
+    steady = {name: steady_images_per_second(built.model, s, crop, args.steps) for name, s in candidates.items()}
+    print(f"\n{args.model} {args.mode}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| candidate | steady train img/s | ratio to fp32 | chosen (of %d) |" % args.repeats)
+    print("|---|---|---|---|")
+    tally = Counter(name for name, _ in decisions)
+    for name, rate in steady.items():
+        print(f"| {name} | {rate:.1f} | {rate / steady['fp32']:.2f}x | {tally[name]} |")
+    print(f"a decision took {sum(seconds) / len(seconds):.0f} s on average")
+
+
+if __name__ == "__main__":
+    main()
