@@ -149,3 +149,51 @@ def test_a_write_failing_for_lack_of_space_says_so_and_keeps_what_was_committed(
     monkeypatch.setattr(store_module, "_commit", real_commit)
     store = open_store(samples, SIDE, tmp_path / "cache", workers=1)  # space freed: it continues
     assert len(store) == len(samples)
+
+
+def damage(store, slot):
+    with open(store.folder / "pixels.bin", "r+b") as f:
+        f.seek(int(store.index[slot]["offset"]) + 10)
+        f.write(b"\xff\x00\xff")
+
+
+def test_an_image_that_decodes_differently_now_is_never_trusted(tmp_path, samples, monkeypatch, capfd):
+    """A new Pillow may decode a file to other bytes: the re-decode is used, never the stored bytes."""
+    store = open_store(samples, SIDE, tmp_path / "cache")
+    slot = store.slot(samples[2])
+    damage(store, slot)
+    fresh = open_store(samples, SIDE, tmp_path / "cache")
+    other_decoder = np.asarray(load_image(samples[2].path, SIDE)) // 2  # what "another decoder" returns
+    monkeypatch.setattr(store_module, "load_image", lambda path, side: other_decoder)
+    for _ in range(3):
+        assert np.array_equal(fresh.image(slot, samples[2].path), other_decoder)
+    err = capfd.readouterr().err
+    assert err.count("is damaged") == 1 and err.count("decodes to other bytes") == 1
+
+
+def test_the_decoder_version_is_part_of_the_store_key(samples, monkeypatch):
+    before = StoreKey.of(samples, SIDE).folder_name
+    monkeypatch.setattr(store_module.PIL, "__version__", "0.0-another")
+    assert StoreKey.of(samples, SIDE).folder_name != before
+
+
+def test_images_kept_on_the_device_are_checked_and_mended_too(tmp_path, samples):
+    import torch
+
+    from transferlab.data import DeviceImages
+
+    store = open_store(samples, SIDE, tmp_path / "cache")
+    slot = store.slot(samples[5])
+    damage(store, slot)
+    images = DeviceImages(open_store(samples, SIDE, tmp_path / "cache"), torch.device("cpu"))
+    images.resident, images.flat = True, images.flat.clone()  # as if uploaded whole to a GPU
+    expected = torch.from_numpy(np.array(load_image(samples[5].path, SIDE))).permute(2, 0, 1)
+    assert torch.equal(images.image(slot, samples[5].path), expected)
+    assert torch.equal(images.image(slot, samples[5].path), expected)  # the upload itself was mended
+
+
+def test_a_damaged_index_is_reported_once(tmp_path, samples, capfd):
+    folder = open_store(samples, SIDE, tmp_path / "cache").folder
+    (folder / "index.npy").write_bytes(b"not numpy")
+    open_store(samples, SIDE, tmp_path / "cache")
+    assert capfd.readouterr().err.count("unreadable") == 1

@@ -193,12 +193,19 @@ class DeviceImages:
         self.flat = flat.to(device) if self.resident else flat
 
     def image(self, slot: int, source: str) -> torch.Tensor:
-        """(3, height, width) uint8 on the device."""
+        """(3, height, width) uint8 on the device; checked against its CRC the first time it is read,
+        on the host, like every read from the store (a mended image replaces the uploaded one)."""
         if not self.resident:
-            array = self.store.image(slot, source)  # checks the CRC on first read
+            array = self.store.image(slot, source)
             return torch.from_numpy(array).to(self.device, non_blocking=True).permute(2, 0, 1)
         entry = self.index[slot]
         start, h, w = int(entry["offset"]), int(entry["height"]), int(entry["width"])
+        if not self.store.verified[slot]:
+            mended = self.store.check(slot, source)
+            if mended is not None and self.store.verified[slot]:  # mended in the file: and in the upload
+                self.flat[start:start + h * w * 3] = torch.from_numpy(mended.reshape(-1)).to(self.device)
+            elif mended is not None:  # decodes differently now: this process uses the fresh decode
+                return torch.from_numpy(mended).to(self.device).permute(2, 0, 1)
         return self.flat[start:start + h * w * 3].view(h, w, 3).permute(2, 0, 1)
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL
 from filelock import FileLock
 from PIL import Image
 from tqdm import tqdm
@@ -41,7 +42,7 @@ from transferlab.files import (
 )
 from transferlab.images import Sample, file_digest, load_image
 
-VERSION = 1  # bump when load_image changes what it returns
+VERSION = 1  # bump when load_image changes what it returns (Pillow's own version is in the key too)
 INDEX_DTYPE = np.dtype([("offset", "<i8"), ("height", "<i4"), ("width", "<i4"), ("crc", "<u4")])
 COMMIT_SECONDS = 1.0
 
@@ -67,7 +68,9 @@ class StoreKey:
 
     @property
     def folder_name(self) -> str:
-        digest = hashlib.sha256(f"v{VERSION}-{self.min_side}".encode() + b"".join(self.digests)).hexdigest()
+        # Another Pillow may decode the same file to other bytes: its stores are not this one's.
+        decoder = f"v{VERSION}-pillow{PIL.__version__}-{self.min_side}"
+        digest = hashlib.sha256(decoder.encode() + b"".join(self.digests)).hexdigest()
         return f"decoded-{self.min_side}px-{digest[:20]}"
 
 
@@ -78,6 +81,7 @@ class ImageStore:
         self.folder, self.key, self.index = folder, key, index
         self.slots = {digest: slot for slot, digest in enumerate(key.digests)}
         self.verified = np.zeros(len(index), dtype=bool)
+        self.redecoded: dict[int, np.ndarray] = {}  # slots whose stored bytes a fresh decode does not match
         self.pixels = self._map()
 
     def _map(self) -> np.ndarray:
@@ -99,25 +103,39 @@ class ImageStore:
 
     def image(self, slot: int, source: str) -> np.ndarray:
         """The decoded image in `slot`; checked against its CRC the first time this process reads it."""
+        if not self.verified[slot]:
+            mended = self.check(slot, source)
+            if mended is not None:
+                return mended
+        return self._view(slot)
+
+    def _view(self, slot: int) -> np.ndarray:
         entry = self.index[slot]
         start, height, width = int(entry["offset"]), int(entry["height"]), int(entry["width"])
-        array = self.pixels[start:start + height * width * 3].reshape(height, width, 3)
-        if not self.verified[slot]:
-            if zlib.crc32(array) != int(entry["crc"]):
-                array = self._repair(slot, source)
-            self.verified[slot] = True
-        return array
+        return self.pixels[start:start + height * width * 3].reshape(height, width, 3)
 
-    def _repair(self, slot: int, source: str) -> np.ndarray:
-        """Decode `slot` again from `source` and write it back in place (same size: decoding is
-        deterministic), so every reader sees the mended bytes."""
+    def check(self, slot: int, source: str) -> np.ndarray | None:
+        """None if `slot`'s bytes match their CRC (from now on they are trusted); else the image
+        decoded again from `source`, written back in place when it matches the CRC, so every reader
+        sees the mended bytes. One that does not match (the decoder changed since the store was
+        built) is kept in this process instead, and the slot is never trusted."""
+        if slot in self.redecoded:
+            return self.redecoded[slot]
+        entry = self.index[slot]
+        if zlib.crc32(self._view(slot)) == int(entry["crc"]):
+            self.verified[slot] = True
+            return None
         warn(f"{self.folder}/pixels.bin: image {slot} ({source}) is damaged; decoded it again from its source")
         fresh = np.ascontiguousarray(load_image(source, self.key.min_side))
-        entry = self.index[slot]
         if fresh.shape[:2] == (entry["height"], entry["width"]) and zlib.crc32(fresh) == int(entry["crc"]):
             with open(self.folder / "pixels.bin", "r+b") as f:
                 f.seek(int(entry["offset"]))
                 f.write(fresh.tobytes())
+            self.verified[slot] = True
+        else:
+            warn(f"{source} decodes to other bytes than when {self.folder.name} was built; this run uses the "
+                 f"new decode (delete the folder to rebuild it)")
+            self.redecoded[slot] = fresh
         return fresh
 
     def __getstate__(self) -> dict:
@@ -146,7 +164,9 @@ def open_store(samples: list[Sample], min_side: int, cache_dir: str | Path, work
         lock.acquire()
     try:
         remove_stale_temps(folder.parent)
-        index = _read_complete(folder, key)
+        # Read again under the lock (another process may have finished it), quietly: any damage
+        # was reported above.
+        index = _read_complete(folder, key, quiet=True)
         if index is None:
             index = _build(folder, key, _sources(samples), workers or cpu_count())
     finally:
@@ -159,7 +179,7 @@ def _sources(samples: list[Sample]) -> dict[bytes, str]:
     return {file_digest(s.path): s.path for s in reversed(samples)}
 
 
-def _read_index(folder: Path) -> np.ndarray:
+def _read_index(folder: Path, quiet: bool = False) -> np.ndarray:
     path = folder / "index.npy"
     if not path.exists():
         return np.zeros(0, INDEX_DTYPE)
@@ -169,23 +189,25 @@ def _read_index(folder: Path) -> np.ndarray:
             raise ValueError(f"unexpected columns {index.dtype}")
         return index
     except Exception as err:  # noqa: BLE001 - any damage means the same: start again
-        warn(f"{path}: unreadable ({err}); decoding every image again")
+        if not quiet:
+            warn(f"{path}: unreadable ({err}); decoding every image again")
         return np.zeros(0, INDEX_DTYPE)
 
 
-def _read_complete(folder: Path, key: StoreKey) -> np.ndarray | None:
+def _read_complete(folder: Path, key: StoreKey, quiet: bool = False) -> np.ndarray | None:
     """The index of a finished, intact store, else None (its build must run or continue)."""
     if not (folder / "index.npy").exists():
         return None
-    index = _read_index(folder)
+    index = _read_index(folder, quiet)
     if len(index) != len(key.digests):
         return None
     pixels = folder / "pixels.bin"
     end = int(index[-1]["offset"]) + int(index[-1]["height"]) * int(index[-1]["width"]) * 3 if len(index) else 0
     size = pixels.stat().st_size if pixels.exists() else -1
     if size != end:
-        warn(f"{pixels}: {size} bytes where {end} were written (truncated or damaged); decoding the "
-             f"missing images again")
+        if not quiet:
+            warn(f"{pixels}: {size} bytes where {end} were written (truncated or damaged); decoding the "
+                 f"missing images again")
         return None
     return index
 
@@ -200,7 +222,7 @@ def _committed(folder: Path, index: np.ndarray) -> np.ndarray:
 
 def _build(folder: Path, key: StoreKey, sources: dict[bytes, str], workers: int) -> np.ndarray:
     folder.mkdir(exist_ok=True)
-    index = _committed(folder, _read_index(folder))
+    index = _committed(folder, _read_index(folder, quiet=True))  # open_store reported any damage
     done = len(index)
     pending = [sources[d] for d in key.digests[done:]]
     end = int(index[-1]["offset"]) + int(index[-1]["height"]) * int(index[-1]["width"]) * 3 if done else 0
