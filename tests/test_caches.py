@@ -35,7 +35,11 @@ def test_prune_skips_an_entry_being_built(tmp_path):
     busy.mkdir(parents=True)
     with FileLock(str(busy) + ".lock"):
         assert prune(cache, 0) == []
+    lock_file = cache / "decoded-20px-abc.lock"
+    inode = lock_file.stat().st_ino
     assert [e.path for e in prune(cache, 0)] == [busy]
+    # The lock file is the one every process locks, before and after: never unlinked, never replaced.
+    assert lock_file.stat().st_ino == inode
 
 
 def test_cache_command_reports_and_prunes(tmp_path):
@@ -46,4 +50,4 @@ def test_cache_command_reports_and_prunes(tmp_path):
     shown = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
     assert "decoded images" in shown and "total" in shown
     pruned = subprocess.run(command + ["--prune", "0"], env=env, capture_output=True, text=True, check=True).stdout
-    assert "removed 1 entries" in pruned and not list(cache.glob("decoded-*"))
+    assert "removed 1 entries" in pruned and [p.suffix for p in cache.glob("decoded-*")] == [".lock"]

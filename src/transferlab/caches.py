@@ -60,7 +60,8 @@ def prune(cache_dir: str | Path, unused_days: float) -> list[Entry]:
                 remove(entry.path)
         except Timeout:
             continue
-        Path(str(entry.path) + ".lock").unlink(missing_ok=True)
+        # The lock file stays: unlinked, a process that had opened it could lock the old file while
+        # another creates and locks a new one under the same name, and both would build the entry.
         removed.append(entry)
     return removed
 
