@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import make_dataset
 
+from transferlab import fetching
 from transferlab.fetching import MIRROR_ENV, FetchError, fetch, resolve_source
 
 
@@ -132,13 +133,20 @@ def test_not_an_archive_and_missing_file(tmp_path):
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     payload = b""
+    requests: list[str] = []
 
     def do_GET(self):
+        self.requests.append(self.path)
         if self.path.endswith("/missing.zip"):
             self.send_error(404, "Not Found")
             return
+        if self.path.endswith("/busy.zip"):
+            self.send_error(503, "Service Unavailable")
+            return
         self.send_response(200)
-        declared = len(self.payload) * (2 if self.path.endswith("/cut.zip") else 1)
+        first_try = self.requests.count(self.path) == 1
+        cut = self.path.endswith("/cut.zip") or (self.path.endswith("/flaky.zip") and first_try)
+        declared = len(self.payload) * (2 if cut else 1)
         self.send_header("Content-Length", str(declared))
         self.end_headers()
         self.wfile.write(self.payload)  # for cut.zip: half of what was promised, then close
@@ -148,8 +156,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def server(archive):
-    _Handler.payload = archive.read_bytes()
+def server(archive, monkeypatch):
+    monkeypatch.setattr(fetching, "RETRY_DELAYS", (0.0, 0.0, 0.0))
+    _Handler.payload, _Handler.requests = archive.read_bytes(), []
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -175,7 +184,23 @@ def test_http_faults_name_the_url_and_mirror_and_change_nothing(tmp_path, server
     fetch(f"{server}/data/hymenoptera_data.zip", out)  # the re-run recovers by itself
 
 
-def test_no_network_at_all(tmp_path):
+def test_a_download_that_drops_once_is_tried_again(tmp_path, server, capfd):
+    info = fetch(f"{server}/data/flaky.zip", tmp_path / "raw")
+    assert info["files"] == 10 and _Handler.requests == ["/data/flaky.zip"] * 2
+    err = capfd.readouterr().err
+    assert "download cut off after" in err and "trying again in 0 s (1 of 4)" in err
+
+
+@pytest.mark.parametrize("name, attempts, words", [("missing.zip", 1, "HTTP 404"), ("busy.zip", 4, "HTTP 503"),
+                                                   ("cut.zip", 4, "cut off after")])
+def test_only_transient_faults_are_tried_again_and_a_few_times(tmp_path, server, name, attempts, words):
+    with pytest.raises(FetchError, match=words):
+        fetch(f"{server}/data/{name}", tmp_path / "raw")
+    assert len(_Handler.requests) == attempts
+
+
+def test_no_network_at_all(tmp_path, monkeypatch):
+    monkeypatch.setattr(fetching, "RETRY_DELAYS", (0.0,))
     with pytest.raises(FetchError, match="download failed"):
         fetch("http://127.0.0.1:9/hymenoptera_data.zip", tmp_path / "raw")
     assert list(tmp_path.iterdir()) == []

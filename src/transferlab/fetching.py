@@ -6,10 +6,13 @@ the new copy is complete, so a failed fetch leaves the previous one (or nothing)
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -84,8 +87,31 @@ def fetch(url: str, out_dir: str | Path, sha256: str | None = None, mirror: str 
     return info
 
 
+# Seconds to wait before each further attempt: a dropped connection, a timeout or a 5xx is often
+# gone a moment later. A 4xx is not: it fails at once.
+RETRY_DELAYS = (1.0, 3.0, 9.0)
+
+
+class _Transient(Exception):
+    """A fault worth another attempt; its message says what happened."""
+
+
 def download(source: str, dest: Path, url: str) -> Path:
-    """Stream `source` to `dest` with a progress bar; FetchError on HTTP/network faults or truncation."""
+    """Stream `source` to `dest` with a progress bar, trying again after transient faults;
+    FetchError on an HTTP error, or once the attempts are spent."""
+    for attempt, delay in enumerate((*RETRY_DELAYS, None), start=1):
+        try:
+            return _download_once(source, dest, url)
+        except _Transient as err:
+            if delay is None:
+                raise FetchError(f"{source}: {err} ({attempt} attempts){_advice(url)}") from None
+            print(f"{source}: {err}; trying again in {delay:.0f} s ({attempt} of {len(RETRY_DELAYS) + 1})",
+                  file=sys.stderr, flush=True)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _download_once(source: str, dest: Path, url: str) -> Path:
     try:
         with urllib.request.urlopen(source, timeout=60) as response:
             expected = int(response.headers.get("Content-Length") or 0) or None
@@ -97,13 +123,13 @@ def download(source: str, dest: Path, url: str) -> Path:
                     received += len(chunk)
                     bar.update(len(chunk))
     except urllib.error.HTTPError as err:
+        if err.code >= 500 or err.code == 429:  # the server's trouble, or "slow down"
+            raise _Transient(f"HTTP {err.code} {err.reason}") from None
         raise FetchError(f"{source}: HTTP {err.code} {err.reason}{_advice(url)}") from None
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise FetchError(f"{source}: download failed ({reason}){_advice(url)}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+        raise _Transient(f"download failed ({getattr(err, 'reason', err)})") from None
     if expected is not None and received != expected:
-        raise FetchError(f"{source}: download cut off after {received} of {expected} bytes; "
-                         f"run the fetch stage again{_advice(url)}")
+        raise _Transient(f"download cut off after {received} of {expected} bytes")
     return dest
 
 
