@@ -19,7 +19,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 # Files a copy of the project needs to run the pipeline (what git tracks, minus outputs).
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "src", ".dvc/config", ".dvcignore", ".gitignore"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "src", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"]
 
 
 def make_image(path: Path, color: tuple[int, int, int], seed: int, size: tuple[int, int] = (48, 40)) -> Path:

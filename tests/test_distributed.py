@@ -84,7 +84,7 @@ def train_and_embed(world: World, train: list[Sample], val: list[Sample], root: 
     images = ImageSource(open_store(train + val, big.resize_size, root / "store"))
 
     def image_batches(samples, training):
-        return images.batches(samples, CLASSES, big, BATCH, training, 0, hw, world=world)
+        return images.batches(samples, CLASSES, big, BATCH, training, 0, hw, world=world, shuffle=False)
     _, features, _ = feature_loaders(built, train, val, BATCH, 2, hw, 0, out.parent / "cache", image_batches, world)
     if world.main:
         torch.save({"steps": len(train_loader), "history": result.history, "state": model.state_dict(),

@@ -6,7 +6,7 @@ from conftest import CLASS_COLORS, make_image
 
 from transferlab.data import ImageSource
 from transferlab.engine import fit, make_optimizer, predict, seed_everything
-from transferlab.features import feature_loaders, split_off_head
+from transferlab.features import OneViewPerImage, feature_loaders, split_off_head
 from transferlab.hardware import pick_hardware
 from transferlab.images import Sample
 from transferlab.models import build_model, trainable_parameters
@@ -46,7 +46,7 @@ def test_head_trained_on_cached_embeddings_drives_the_full_model(samples, tmp_pa
     source = ImageSource(open_store(train + val, built.preprocess.resize_size, tmp_path))
 
     def image_batches(split, training):
-        return source.batches(split, CLASSES, built.preprocess, 4, training, 0, hw)
+        return source.batches(split, CLASSES, built.preprocess, 4, training, 0, hw, shuffle=False)
     head_only, train_loader, val_loader = feature_loaders(built, train, val, 4, 3, hw, 0, tmp_path, image_batches)
     [features] = [p for p in tmp_path.glob("features-resnet18-*") if p.is_dir()]
     assert sorted(p.name for p in features.iterdir()) == ["meta.json", "train.bin", "val.bin"]
@@ -73,7 +73,7 @@ def test_a_damaged_embedding_cache_is_rebuilt(samples, tmp_path, capfd, damage):
     source = ImageSource(open_store(train + val, built.preprocess.resize_size, tmp_path))
 
     def image_batches(split, training):
-        return source.batches(split, CLASSES, built.preprocess, 4, training, 0, hw)
+        return source.batches(split, CLASSES, built.preprocess, 4, training, 0, hw, shuffle=False)
     seed_everything(0)  # the DataLoader path draws its crops from torch's global generator
     first = feature_loaders(built, train, val, 4, 2, hw, 0, tmp_path, image_batches)
     reference = first[1].dataset.tensors[0].clone()
@@ -91,3 +91,46 @@ def test_a_damaged_embedding_cache_is_rebuilt(samples, tmp_path, capfd, damage):
     assert torch.equal(again[1].dataset.tensors[0], reference)
     if damage != "no meta":  # an unfinished cache is simply built; a damaged one is said to be
         assert "damaged embedding cache" in capfd.readouterr().err
+
+
+def test_every_extract_epoch_takes_each_image_once_as_one_of_its_views():
+    sampler = OneViewPerImage(images=10, views=3, generator=torch.Generator().manual_seed(0))
+    epochs = [list(sampler) for _ in range(4)]
+    for rows in epochs:
+        assert sorted(row % 10 for row in rows) == list(range(10))  # each image once
+        assert all(0 <= row < 30 for row in rows)
+    assert len({row // 10 for rows in epochs for row in rows}) == 3  # every view gets drawn
+    assert epochs[0] != epochs[1]
+
+
+def test_views_are_cached_in_the_images_order(samples, tmp_path):
+    """Row i of every view is image i: what lets an epoch take each image once."""
+    hw = pick_hardware("cpu", "fp32", False, 0)
+    built = build_model("resnet", 2, pretrained=False, freeze="all")
+    train, val = samples
+    source = ImageSource(open_store(train + val, built.preprocess.resize_size, tmp_path))
+    loaders = feature_loaders(built, train, val, 4, 2, hw, 0, tmp_path, lambda split, augment: source.batches(
+        split, CLASSES, built.preprocess, 4, augment, 0, hw, shuffle=False))
+    targets = loaders[1].dataset.tensors[1].view(2, len(train))
+    expected = torch.tensor([CLASSES.index(s.label) for s in train])
+    assert torch.equal(targets[0], expected) and torch.equal(targets[1], expected)
+
+
+def test_a_resumed_extract_run_ends_with_the_weights_of_an_uninterrupted_one(samples, tmp_path):
+    hw = pick_hardware("cpu", "fp32", False, 0)
+    train, val = samples
+
+    def run(epochs, resume_path):
+        seed_everything(0)
+        built = build_model("resnet", 2, pretrained=False, freeze="all")
+        source = ImageSource(open_store(train + val, built.preprocess.resize_size, tmp_path / "store"))
+        head, train_loader, val_loader = feature_loaders(
+            built, train, val, 4, 2, hw, 0, tmp_path / "cache", lambda split, augment: source.batches(
+                split, CLASSES, built.preprocess, 4, augment, 0, hw, shuffle=False))
+        optimizer = make_optimizer(trainable_parameters(head), "sgd", 0.05, 0.9, 0.0)
+        fit(head, train_loader, val_loader, optimizer, None, epochs, hw, resume_path=resume_path)
+        return head.state_dict()
+    whole = run(4, None)
+    run(2, tmp_path / "resume.pt")  # stopped after epoch 2, its state saved
+    resumed = run(4, tmp_path / "resume.pt")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)

@@ -17,7 +17,7 @@ from filelock import FileLock, Timeout
 from transferlab.files import remove
 
 KINDS = {"decoded-": "decoded images", "features-": "embeddings", "hardware": "hardware decisions",
-         "resume": "resume states", "dvc-plots-offline-": "offline plot page"}
+         "resume": "resume states"}
 
 
 @dataclass(frozen=True)

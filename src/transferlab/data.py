@@ -63,14 +63,17 @@ class ImageSource:
         return self._device_images
 
     def batches(self, samples: list[Sample], classes: list[str], pre: Preprocess, batch_size: int, train: bool,
-                seed: int, hw: Hardware, tensor_batches: bool | None = None, world: World = SINGLE):
-        """Batches of one split: tensor batches or a DataLoader over PIL transforms, as `hw` says;
-        with several processes, this one's share of each."""
+                seed: int, hw: Hardware, tensor_batches: bool | None = None, world: World = SINGLE,
+                shuffle: bool | None = None):
+        """Batches of one split, augmented and shuffled if `train` (shuffle=False: augmented, in the
+        samples' order): tensor batches or a DataLoader over PIL transforms, as `hw` says; with
+        several processes, this one's share of each."""
+        shuffle = train if shuffle is None else shuffle
         if hw.tensor_batches if tensor_batches is None else tensor_batches:
             return TensorBatches(self.device_images(hw.device), samples, classes, pre, batch_size, train, seed,
-                                 world)
+                                 world, shuffle)
         dataset = ImageDataset(samples, classes, build_transform(pre, train), self.store)
-        return make_loader(dataset, batch_size, train, seed, hw.workers, hw.pin_memory, world)
+        return make_loader(dataset, batch_size, shuffle, seed, hw.workers, hw.pin_memory, world)
 
 
 def label_indices(samples: list[Sample], classes: list[str]) -> list[int]:
@@ -212,15 +215,16 @@ class DeviceImages:
 class TensorBatches:
     """Batches of (normalised images, targets) on the device, for one split; iterate once per epoch.
 
-    Training batches are shuffled and augmented from `generator` (shuffle order, crop boxes, flips);
+    Training batches are shuffled (unless shuffle=False) and augmented from `generator` (order, crop boxes, flips);
     evaluation batches are resized and centre-cropped as torchvision's Resize + CenterCrop do. With
     several processes, each draws for the whole batch (so all stay in step, and the batch is the
     one a single process would see) and crops its share.
     """
 
     def __init__(self, images: DeviceImages, samples: list[Sample], classes: list[str], pre: Preprocess,
-                 batch_size: int, train: bool, seed: int = 0, world: World = SINGLE):
+                 batch_size: int, train: bool, seed: int = 0, world: World = SINGLE, shuffle: bool | None = None):
         self.images, self.samples, self.pre, self.batch_size, self.train = images, samples, pre, batch_size, train
+        self.shuffle = train if shuffle is None else shuffle
         self.world = world
         self.slots = [images.store.slot(s) for s in samples]
         self.targets = torch.tensor(label_indices(samples, classes))
@@ -238,7 +242,7 @@ class TensorBatches:
 
     def __iter__(self):
         n = len(self.samples)
-        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         for start in range(0, n, self.batch_size):
             rows = order[start:start + self.batch_size]
             boxes, flips = self.draw(rows) if self.train else ([None] * len(rows), [False] * len(rows))

@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from transferlab.errors import UserError
+from transferlab.store import cpu_count
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def _init(world: World, init_method: str, device: str) -> None:
     if cuda:
         torch.cuda.set_device(world.local_rank)
     else:  # the processes share this machine's cores; more threads than cores only contend
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
+        torch.set_num_threads(max(1, cpu_count() // world.local_size))
     dist.init_process_group(backend_for(cuda), init_method=init_method, rank=world.rank, world_size=world.size)
 
 

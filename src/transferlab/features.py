@@ -2,8 +2,8 @@
 
 A frozen backbone's output never changes, so each training image is passed through it `views`
 times (each a fresh random crop and flip, the tutorial's augmentation) and each val image once;
-the head then trains on those cached embeddings. Every epoch draws one view per image, so an
-epoch has as many steps as the tutorial's. The cache is keyed by model, weights, preprocessing,
+the head then trains on those cached embeddings. Every epoch takes every image once, in a random
+order, each as one of its views drawn at random: an epoch has the tutorial's steps and images. The cache is keyed by model, weights, preprocessing,
 views, seed, precision and the images' bytes.
 
 Embeddings are written to disk batch by batch and read memory-mapped, like the decoded images:
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSampler, TensorDataset
 
 from transferlab.caches import mark_used
 from transferlab.data import ShareOfBatches, collate_share
@@ -34,8 +34,8 @@ from transferlab.hardware import Hardware
 from transferlab.images import Sample, samples_digest
 from transferlab.models import BuiltModel
 
-# 2: each view is a fresh draw with its own targets (format 1 repeated the first view's draws).
-CACHE_FORMAT = 2
+# 3: every view in the images' order (2: each view shuffled its own way; 1: views repeated the first's draws).
+CACHE_FORMAT = 3
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -90,8 +90,9 @@ def feature_loaders(built: BuiltModel, train: list[Sample], val: list[Sample], b
     """(HeadOnly model, train loader, val loader) over cached embeddings, or None when this model's
     head output is not its output (the caller then trains with the backbone in the loop).
 
-    `image_loader(samples, train)` gives batches of images: augmented (one pass = one view) or not;
-    with several processes, this one's share of each batch. Each process then embeds its shares,
+    `image_loader(samples, augment)` gives batches of the images in the samples' order, never
+    shuffled: augmented (one pass = one view) or not; with several processes, this one's share of
+    each batch. Each process then embeds its shares,
     rank 0 puts them together in the order one process writes them, and every process reads the
     cache: it must lie in a folder all of them see (TRANSFERLAB_CACHE_DIR, across machines).
     """
@@ -116,12 +117,30 @@ def feature_loaders(built: BuiltModel, train: list[Sample], val: list[Sample], b
                             f"extract.cache_features to false")
     train_x, train_y, val_x, val_y = cached if cached is not None else _open(folder)
     train_set = TensorDataset(train_x.flatten(0, 1), train_y)
-    sampler = RandomSampler(train_set, num_samples=len(train), generator=torch.Generator().manual_seed(seed))
-    train_batches = ShareOfBatches(BatchSampler(sampler, batch_size, False), world)
-    train_loader = DataLoader(train_set, batch_sampler=train_batches, collate_fn=collate_share)
+    # The loader's own generator, which fit() saves and restores with each epoch: resume is exact.
+    generator = torch.Generator().manual_seed(seed)
+    train_batches = ShareOfBatches(BatchSampler(OneViewPerImage(len(train), views, generator), batch_size, False),
+                                   world)
+    train_loader = DataLoader(train_set, batch_sampler=train_batches, collate_fn=collate_share, generator=generator)
     val_batches = ShareOfBatches(BatchSampler(SequentialSampler(val_x), batch_size, False), world)
     val_loader = DataLoader(TensorDataset(val_x, val_y), batch_sampler=val_batches, collate_fn=collate_share)
     return head_only, train_loader, val_loader
+
+
+class OneViewPerImage(Sampler):
+    """Rows of the (views, images) embedding cache, flattened: each epoch every image once, in a
+    random order, each as one of its views, drawn at random."""
+
+    def __init__(self, images: int, views: int, generator: torch.Generator):
+        self.images, self.views, self.generator = images, views, generator
+
+    def __iter__(self):
+        order = torch.randperm(self.images, generator=self.generator)
+        view = torch.randint(self.views, (self.images,), generator=self.generator)
+        return iter((view * self.images + order).tolist())
+
+    def __len__(self) -> int:
+        return self.images
 
 
 def _build(folder: Path, built: BuiltModel, head_only: HeadOnly, train, val, views, hw, batch_size, image_loader,
@@ -142,7 +161,7 @@ def _build(folder: Path, built: BuiltModel, head_only: HeadOnly, train, val, vie
                 passes = (batch for _ in range(views) for batch in embed(built.model, head, train_images, hw))
                 train_meta = _write_shares(folder, "train", passes, _batch_sizes(len(train), batch_size) * views,
                                            world)
-                if world.main:  # each view is shuffled its own way: its targets are kept with it
+                if world.main:  # every view in the images' order; the targets are kept for each
                     train_meta["shape"] = [views, len(train), *train_meta["shape"][1:]]
                     write_json(folder / "meta.json", {"train": train_meta, "val": val_meta})  # last: complete
                 world.barrier()

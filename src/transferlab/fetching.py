@@ -161,7 +161,8 @@ def extract(archive: Path, dest: Path) -> Path:
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tar:
             _refuse_unsafe(archive, [(m.name, m.issym() or m.islnk()) for m in tar.getmembers()])
-            tar.extractall(dest, filter="data")  # the standard library's own guard, as a second line
+            # The standard library's own guard as a second line, where it has one (3.10.12, 3.11.4 on).
+            tar.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     else:
         raise FetchError(f"{archive}: not a zip or tar archive (nor a folder); check data.url")
     entries = [p for p in dest.iterdir() if p.name not in _IGNORED_TOP_LEVEL and not p.name.startswith(".")]

@@ -32,6 +32,7 @@ from torch import nn
 
 from transferlab.errors import UserError, warn
 from transferlab.files import write_json
+from transferlab.store import cpu_count
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -93,7 +94,7 @@ def pick_hardware(device: str = "auto", precision: str = "auto", channels_last: 
     if workers == "auto":
         # Images come decoded from the store and are augmented as tensor batches where that measures
         # faster; DataLoader workers would only compete with the compute threads on a CPU.
-        workers = 0 if device == "cpu" else min(4, os.cpu_count() or 1)
+        workers = 0 if device == "cpu" else min(4, cpu_count())
     if keep_memory == "auto":
         keep_memory = device == "cpu" and keep_freed_memory()
     elif keep_memory and not keep_freed_memory():

@@ -7,6 +7,7 @@ import json
 import statistics
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from torch import nn
@@ -55,11 +56,12 @@ def prepare(built: BuiltModel, classes: list[str], samples: dict[str, list[Sampl
     decided = world.broadcast(decide(hw, work, cache_dir, key, input_seconds) if world.main else None)
     hw = replace(decided, device=hw.device)  # each process keeps its own GPU
 
-    def image_batches(split_samples: list[Sample], training: bool):
-        return source.batches(split_samples, classes, pre, train.batch_size, training, seed, hw, world=world)
-    if head_only:
+    def image_batches(split_samples: list[Sample], training: bool, shuffle: bool | None = None):
+        return source.batches(split_samples, classes, pre, train.batch_size, training, seed, hw, world=world,
+                              shuffle=shuffle)
+    if head_only:  # the embedding passes keep the images' order: row i of every view is image i
         prepared = feature_loaders(built, samples["train"], samples["val"], train.batch_size, views, hw, seed,
-                                   cache_dir, image_batches, world)
+                                   cache_dir, partial(image_batches, shuffle=False), world)
         if prepared is not None:
             return (hw, *prepared)
         warn("feature cache: this model's output is not its head's output; running the backbone every epoch")

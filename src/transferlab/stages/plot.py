@@ -5,6 +5,7 @@ from transferlab.figures import plot_confusions, plot_curves, plot_prediction_gr
 from transferlab.files import read_json, replaced_together
 from transferlab.params import MODES, load_params
 from transferlab.stages import require_inputs, run_stage
+from transferlab.vega import write_offline_template
 
 PLOTS = "plots/"
 
@@ -31,6 +32,7 @@ def main() -> None:
                              plots / "test_predictions.png", f"finetune {params.model}: test images, mistakes first")
         written = sorted(p.name for p in plots.glob("*.png"))
     print(f"wrote {', '.join(written)} in {PLOTS}")
+    write_offline_template()  # for `dvc plots show`, offline (.dvc/config names it); not an output
 
 
 if __name__ == "__main__":
