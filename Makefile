@@ -6,7 +6,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install repro test test-fast bench clean
+.PHONY: install repro lint test test-unit test-integration test-real bench clean
 
 install: $(VENV)/.installed
 
@@ -20,11 +20,24 @@ $(VENV)/.installed: pyproject.toml
 repro: install
 	dvc repro
 
+lint: install
+	ruff check .
+
+# Everything CI runs: the three tiers below.
 test: install
 	python -m pytest
 
-test-fast: install
-	python -m pytest -m "not slow"
+# Library modules on small generated data, no external tool (about 2 minutes).
+test-unit: install
+	python -m pytest -m "not integration and not slow"
+
+# Through the real tools: DVC, torchrun, moto's S3 server, a tmpfs full disk.
+test-integration: install
+	python -m pytest -m "integration and not slow"
+
+# The whole pipeline on the real hymenoptera images (needs ../shared/data/hymenoptera_data.zip).
+test-real: install
+	python -m pytest -m slow
 
 bench: install
 	python benchmarks/speed.py

@@ -1,6 +1,7 @@
 """GPU benchmark: transferlab's stages against the tutorial's recipe on the same CUDA GPU, in one run.
 
-    python benchmarks/gpu.py --archive ../shared/data/hymenoptera_data.zip [--models squeezenet resnet efficientnet_lite0]
+    python benchmarks/gpu.py --archive ../shared/data/hymenoptera_data.zip \
+        [--models squeezenet resnet efficientnet_lite0]
 
 Needs a CUDA GPU and the project installed (`make install`); without CUDA it says so and exits 2.
 Per model: each stage's process seconds and in-stage seconds (after imports), training images/s

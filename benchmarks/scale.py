@@ -78,7 +78,8 @@ def metered(cmd: list[str], cwd: Path, env: dict) -> tuple[float, float]:
 def size_mb(*paths: Path) -> float:
     """MB on disk under `paths`; hard links to one file count once (DVC's cache and data/raw share)."""
     files = [f for path in paths if path.exists()
-             for f in ([path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()])]
+             for f in ([path] if path.is_file()
+                       else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()])]
     seen, total = set(), 0
     for f in files:
         stat = f.stat()
@@ -139,7 +140,8 @@ def main() -> None:
     parser.add_argument("--baseline-up-to", type=int, default=10000)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="transferlab-scale-"))
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("TRANSFERLAB_CACHE_DIR", None)
     print(f"{os.cpu_count()} CPUs; work dir {work}", flush=True)
     rows = [bench(n, args.classes, Path(args.archive), work, env, n <= args.baseline_up_to) for n in args.sizes]

@@ -156,7 +156,8 @@ def scaled_dataset(archive: str, dest: Path, scale: int, seed: int = 0) -> Path:
         image = Image.open(path).convert("RGB")
         for k in range(scale):
             w, h = image.size
-            box = (rng.randint(0, w // 10), rng.randint(0, h // 10), w - rng.randint(0, w // 10), h - rng.randint(0, h // 10))
+            box = (rng.randint(0, w // 10), rng.randint(0, h // 10),
+                   w - rng.randint(0, w // 10), h - rng.randint(0, h // 10))
             variant = image.crop(box)
             variant = ImageOps.mirror(variant) if k % 2 else variant
             variant = variant.point(lambda v, f=rng.uniform(0.85, 1.15): min(255, int(v * f)))
@@ -194,7 +195,8 @@ def main() -> None:
               f"baseline's three training runs: {base:.0f} s; ratio {base / wall:.1f}x")
         print("of which training stages (after imports): "
               + ", ".join(f"{mode} {seconds:.0f} s" for mode, seconds in training.items())
-              + f"; everything else (start-up, fetch, split, evaluate, plot, DVC): {wall - sum(training.values()):.0f} s")
+              + "; everything else (start-up, fetch, split, evaluate, plot, DVC): "
+              + f"{wall - sum(training.values()):.0f} s")
     if args.scale:
         scaled = scaled_dataset(archive, work / "scaled", args.scale)
         small = whole_pipeline(work, archive, args.scale_epochs, "squeezenet", env, "scale1")

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torchvision import datasets, transforms
 
-from transferlab.images import read_split
 from transferlab.engine import seed_everything, split_outputs
+from transferlab.images import read_split
 from transferlab.models import build_for_mode, trainable_parameters
 
 

@@ -19,7 +19,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 # Files a copy of the project needs to run the pipeline (what git tracks, minus outputs).
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "src", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "src", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
+                 ".gitignore"]
 
 
 def make_image(path: Path, color: tuple[int, int, int], seed: int, size: tuple[int, int] = (48, 40)) -> Path:
@@ -115,19 +116,44 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> s
     return result
 
 
+# Precision and layout as a test pins them: `auto` measures candidates, which only the tests of
+# `auto` should pay for (tests/test_hardware.py, and test_pipeline's end-to-end run).
+PINNED_HARDWARE = {"precision": "fp32", "channels_last": False}
+
+
 def tiny_project(root: Path, archs: tuple[str, ...] = ("squeezenet1_0",), **train) -> tuple[Path, dict[str, str]]:
     """A user's clone at root/project pointed at a generated tutorial-layout dataset (16 train and
-    val, 8 test images), with `train` params set and random weights for `archs` in a private
-    TORCH_HOME; and the environment to run its pipeline in."""
+    val, 8 test images), with `train` params set (fp32, plain layout unless given) and random
+    weights for `archs` in a private TORCH_HOME; and the environment to run its pipeline in."""
     data = make_dataset(root / "tiny", train_per_class=8, val_per_class=4)
     project = copy_project(root / "project")
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["data"]["url"] = str(data)
-    params["train"].update(train)
+    params["train"].update({**PINNED_HARDWARE, **train})
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for arch in archs:
         write_test_weights(root / "torch_home", arch)
     return project, pipeline_env(root / "torch_home")
+
+
+@pytest.fixture(scope="session")
+def finished_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A tiny project whose whole pipeline ran once (squeezenet, 2 epochs), committed: the user's
+    last good run. Built once per test session; a test that changes it works on `copy_finished`."""
+    project, env = tiny_project(tmp_path_factory.mktemp("finished"), epochs=2, batch_size=4)
+    (project.parent / "repro.log").write_text(run(["dvc", "repro"], project, env).stdout)  # what it printed
+    git_commit(project, "last good run")
+    return project, env
+
+
+def copy_finished(finished: tuple[Path, dict[str, str]], dest: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of the finished project at `dest` (git history, DVC cache, outputs), as a second
+    clone of the user's repository would be; DVC's own temporary state is left behind."""
+    project, env = finished
+    def dvc_tmp(folder: str, names: list[str]) -> list[str]:
+        return ["tmp"] if Path(folder) == project / ".dvc" else []
+    shutil.copytree(project, dest, symlinks=True, ignore=dvc_tmp)
+    return dest, dict(env)
 
 
 def git_commit(project: Path, message: str) -> None:
@@ -143,7 +169,7 @@ def wait_for_queue(project: Path, env: dict[str, str], timeout: float = 900) -> 
         status = run(["dvc", "queue", "status"], project, env).stdout
         if "Queued" not in status and "Running" not in status:
             break
-        time.sleep(5)
+        time.sleep(1)
     run(["dvc", "queue", "stop"], project, env)  # its workers would otherwise idle on after the test
     for line in status.splitlines():  # a failed task's own log, so that an assertion on status says why
         if line.split()[-1:] == ["Failed"]:

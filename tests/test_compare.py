@@ -9,7 +9,8 @@ IMAGES = [(f"data/raw/val/c/{i}.jpg", "ants" if i % 2 else "bees") for i in rang
 
 
 def run(label, model, seed, right_by_mode, images=IMAGES, seconds=10.0, **params):
-    modes = {mode: ModeResult(np.asarray(right, dtype=bool), seconds, 1000, 50.0) for mode, right in right_by_mode.items()}
+    modes = {mode: ModeResult(np.asarray(right, dtype=bool), seconds, 1000, 50.0)
+             for mode, right in right_by_mode.items()}
     return Run(label, label, {"model": model, "seed": seed, **params}, list(images), modes)
 
 
@@ -68,49 +69,6 @@ def test_pareto_front_keeps_rows_nothing_beats_on_both():
     rows = [{"accuracy_mean": a, "train_seconds": t} for a, t in ((0.9, 100), (0.8, 10), (0.85, 200), (0.95, 300))]
     assert [(r["accuracy_mean"], r["train_seconds"]) for r in pareto_front(rows)] == [(0.8, 10), (0.9, 100),
                                                                                        (0.95, 300)]
-
-
-def test_a_queued_sweep_runs_two_at_once_then_compare_ranks_it(tmp_path):
-    """Two models x two seeds through `dvc exp run --queue` and `dvc queue start -j 2`, one more
-    with `dvc exp run --temp`, then `transferlab compare` reads the five experiments (and the
-    baseline) from git."""
-    import csv
-    import io
-    import json
-
-    from conftest import git_commit, run, tiny_project, wait_for_queue
-
-    project, env = tiny_project(tmp_path, ("squeezenet1_0", "resnet18"), epochs=1, batch_size=4)
-    del env["TRANSFERLAB_CACHE_DIR"]  # the default: the project's data/cache, shared by the queue's copies
-    run(["dvc", "repro"], project, env)
-    git_commit(project, "baseline")
-
-    run(["dvc", "exp", "run", "--queue", "-S", "model=squeezenet,resnet", "-S", "seed=1,2"], project, env)
-    run(["dvc", "queue", "start", "-j", "2"], project, env)
-    status = wait_for_queue(project, env)
-    # DVC's own race between workers (treeverse/dvc#10673, open) can fail a task while DVC sets it
-    # up, before any stage runs; such a task is run again, alone. A failure of ours fails the test.
-    failures = status.split("\n--- ")[1:]
-    assert all("failed during setup" in log for log in failures), status
-    rows = list(csv.DictReader(io.StringIO(run(["dvc", "exp", "show", "--csv"], project, env).stdout)))
-    done = {(r["model"], r["seed"]) for r in rows if r["State"] == "Success"}
-    for model, seed in {(m, s) for m in ("squeezenet", "resnet") for s in ("1", "2")} - done:
-        run(["dvc", "exp", "run", "--temp", "-S", f"model={model}", "-S", f"seed={seed}"], project, env)
-    assert len(done) + len(failures) == 4, status
-    # The README's way to run one more seed, or again one that failed: in a copy, in the foreground.
-    run(["dvc", "exp", "run", "--temp", "-S", "model=resnet", "-S", "seed=3"], project, env)
-    stores = [p for p in (project / "data/cache").glob("decoded-*") if p.is_dir()]
-    assert len(stores) == 1  # one decode, shared by the baseline and the five experiments
-
-    out = run(["transferlab", "compare", "--out", str(tmp_path / "board")], project, env).stdout
-    rows = json.loads((tmp_path / "board" / "leaderboard.json").read_text())
-    assert {(r["model"], r["mode"]): r["seeds"] for r in rows} == {
-        (m, mode): 3 for m in ("squeezenet", "resnet")
-        for mode in ("finetune", "extract", "scratch")}  # squeezenet: the baseline's seed 42, resnet: seed 3
-    assert sum(r["best"] for r in rows) == 1 and rows[0]["best"]
-    assert all(r["verdict"] in ("worse", "not distinguishable") and 0 < r["p_value"] <= 1 for r in rows[1:])
-    assert (tmp_path / "board" / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| **best** |" in (tmp_path / "board" / "leaderboard.md").read_text() and "**best**" in out
 
 
 def commit_results(repo, message, predicted, paths=None, model="squeezenet"):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CLASS_COLORS, git_commit, make_image, run, tiny_project
+from conftest import CLASS_COLORS, copy_finished, make_image, run
 from torch import nn
 
 from transferlab.data import ImageSource
@@ -153,11 +153,9 @@ def snapshot(project: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    project, env = tiny_project(tmp_path_factory.mktemp("dp"), epochs=2)
-    run(["dvc", "repro"], project, env)
-    git_commit(project, "one process")
-    return project, env
+def project(finished_project, tmp_path_factory):
+    """The session's finished project (one process, batch 4, 2 epochs), copied: these tests change it."""
+    return copy_finished(finished_project, tmp_path_factory.mktemp("dp") / "project")
 
 
 def test_processes_2_through_dvc_exp_run(project):
@@ -169,7 +167,7 @@ def test_processes_2_through_dvc_exp_run(project):
         assert json.loads((project / f"metrics/train/{mode}.json").read_text())["world_size"] == 2
     for mode, report in one.items():
         two = json.loads((project / f"reports/train/{mode}.json").read_text())
-        assert two["optimizer_steps_per_epoch"] == report["optimizer_steps_per_epoch"] == 2
+        assert two["optimizer_steps_per_epoch"] == report["optimizer_steps_per_epoch"] > 1
         # Extract trains the head on the same cached embeddings, on the same batches: the same run.
         # Finetune's dropout draws differ per process, so it only lands near.
         tolerance = 1e-4 if mode == "extract" else 0.2
@@ -219,7 +217,7 @@ def test_the_stage_runs_under_torchrun_as_on_two_machines(project):
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
     assert sum("finetune: best val accuracy" in out for out in outputs) == 1  # rank 0 alone reports and writes
     report = json.loads((project / "reports/train/finetune.json").read_text())
-    assert report["world_size"] == 2 and report["optimizer_steps_per_epoch"] == 2
+    assert report["world_size"] == 2 and report["optimizer_steps_per_epoch"] > 1
     run(["dvc", "commit", "-f", "train-finetune"], project, env)
     assert "train-finetune" not in run(["dvc", "status", "train-finetune"], project, env).stdout
 

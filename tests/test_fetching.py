@@ -46,7 +46,8 @@ def test_a_folder_without_class_folders_of_files_is_refused(tmp_path, layout):
     if layout == "empty class folders":
         (source / "cats").mkdir()
         (source / "dogs").mkdir()
-    with pytest.raises(FetchError, match="no class folders of images.*one sub-folder per class.*train/ and val/") as err:
+    words = "no class folders of images.*one sub-folder per class.*train/ and val/"
+    with pytest.raises(FetchError, match=words) as err:
         fetch(str(source), tmp_path / "raw")
     assert "data.url in params.yaml is" in str(err.value)
     assert not (tmp_path / "raw").exists()

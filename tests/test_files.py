@@ -6,12 +6,11 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from transferlab import files
-from transferlab.files import atomic_dir, atomic_path, remove_stale_temps, replaced_together, swap_in
+from transferlab.files import atomic_dir, atomic_path, remove_stale_temps, replaced_together
 from transferlab.stages import Interrupted, _interrupt
 
 

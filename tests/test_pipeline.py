@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from conftest import copy_project, make_dataset, pipeline_env, run, write_test_weights
+from conftest import PINNED_HARDWARE, copy_finished, copy_project, pipeline_env, run, write_test_weights
 
 MODES = ("finetune", "extract", "scratch")
 
@@ -35,16 +35,12 @@ def reflinks(folder: Path) -> bool:
     return cloned.returncode == 0
 
 
-def test_repro_then_experiment_then_metrics_diff(tmp_path):
-    data = make_dataset(tmp_path / "tiny", train_per_class=8, val_per_class=4)
-    project = copy_project(tmp_path / "project")
-    set_params(project, data={"url": str(data)}, train={"epochs": 2, "batch_size": 4})
-    torch_home = tmp_path / "torch_home"
-    for arch in ("squeezenet1_0", "resnet18"):  # random weights under torchvision's own file names
-        write_test_weights(torch_home, arch)
-    env = pipeline_env(torch_home)
-
-    out = run(["dvc", "repro"], project, env).stdout
+def test_repro_then_experiment_then_metrics_diff(finished_project, tmp_path):
+    """The session's `dvc repro` (squeezenet, 2 epochs, fp32), read as it left the project; then,
+    in a copy, the cache links, `dvc checkout`, `dvc exp run -S model=resnet` with `auto`
+    hardware, `dvc metrics diff` and the plots."""
+    project, env = finished_project
+    out = (project.parent / "repro.log").read_text()
     ran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
     assert ran[:3] == ["fetch", "split", "decode"] and ran[-2:] == ["evaluate", "plot"]
     assert sorted(ran[3:6]) == ["train-extract", "train-finetune", "train-scratch"]
@@ -56,14 +52,12 @@ def test_repro_then_experiment_then_metrics_diff(tmp_path):
     assert report["counts"]["test"] == {"ants": 4, "bees": 4}
     for mode in MODES:
         checkpoint = torch.load(project / f"models/{mode}.pt", weights_only=True)
-        assert (checkpoint["arch"], checkpoint["classes"], checkpoint["mode"]) == ("squeezenet1_0", ["ants", "bees"], mode)
+        assert (checkpoint["arch"], checkpoint["classes"], checkpoint["mode"]) == \
+            ("squeezenet1_0", ["ants", "bees"], mode)
         assert checkpoint["preprocess"]["crop_size"] == 224 and checkpoint["state_dict"]
         summary = json.loads((project / f"reports/train/{mode}.json").read_text())
         assert summary["epochs"] == 2 and summary["train_images_per_s"] > 0
         assert summary["first_epoch_images_per_s"] > 0 and summary["steady_images_per_s"] > 0
-        decision = summary["auto_decision"]  # precision and layout measured here, not assumed
-        assert decision["chosen"] in decision["seconds_per_image"]["model"]
-        assert summary["precision"] == decision["chosen"].split()[0]
         assert json.loads((project / f"metrics/train/{mode}.json").read_text()) == {
             "train_seconds": round(summary["wall_seconds"], 1), "best_val_accuracy": summary["best_val_accuracy"],
             "world_size": 1}
@@ -78,9 +72,6 @@ def test_repro_then_experiment_then_metrics_diff(tmp_path):
         assert 0 <= m["accuracy_ci95_low"] <= m["accuracy"] <= m["accuracy_ci95_high"] <= 1
         assert set(m) == {"accuracy", "accuracy_ci95_low", "accuracy_ci95_high", "balanced_accuracy", "roc_auc"}
         assert details[mode]["images"] == 8 and details[mode]["inference_images_per_s"] > 0
-        # Test metrics do not hang on a timing: fp32 in the plain layout, nothing measured.
-        assert (details[mode]["precision"], details[mode]["channels_last"], details[mode]["auto_decision"]) == \
-            ("fp32", False, None)
     assert "mcnemar_p" in details["finetune_vs_scratch"] and details["classes"] == ["ants", "bees"]
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], project, env).stdout)
     numbers = [v for files in shown.values() for f in files["data"].values() for m in f["data"].values()
@@ -88,10 +79,12 @@ def test_repro_then_experiment_then_metrics_diff(tmp_path):
     assert len(numbers) == 3 * 5 + 3 * 3  # what `dvc exp show` puts in columns: a screenful
     for png in ("val_accuracy", "loss", "test_accuracy", "confusion", "test_predictions"):
         assert (project / f"plots/{png}.png").read_bytes()[:4] == b"\x89PNG"
-
     assert "Data and pipelines are up to date" in run(["dvc", "status"], project, env).stdout
+
+    project, env = copy_finished(finished_project, tmp_path / "project")
     # The cache links (.dvc/config: reflink, else hardlink). DVC leaves a stage's new persistent
-    # outputs as copies (a stage may rewrite them); --relink turns them into links to its cache.
+    # outputs as copies (a stage may rewrite them), as does a copy of the project; --relink turns
+    # them into links to its cache.
     run(["dvc", "checkout", "--relink"], project, env)
     image = next((project / "data/raw").rglob("*.jpg"))
     if not reflinks(project):
@@ -101,12 +94,25 @@ def test_repro_then_experiment_then_metrics_diff(tmp_path):
     run(["dvc", "checkout"], project, env)
     assert image.exists() and (project / "models/finetune.pt").exists()
     assert "Data and pipelines are up to date" in run(["dvc", "status"], project, env).stdout
-    commit(project, "squeezenet baseline")
 
+    # The user's default: precision and layout measured (`auto`), then the README's experiment.
+    set_params(project, train={"precision": "auto", "channels_last": "auto"})
+    commit(project, "auto hardware")
+    env["TORCH_HOME"] = str(tmp_path / "torch_home")
+    write_test_weights(tmp_path / "torch_home", "resnet18")  # random weights under torchvision's own file name
     out = run(["dvc", "exp", "run", "-S", "model=resnet"], project, env).stdout
     assert "Stage 'fetch' didn't change, skipping" in out and "Stage 'split' didn't change, skipping" in out
     assert "Running stage 'train-finetune'" in out and "Running stage 'plot'" in out
     assert torch.load(project / "models/finetune.pt", weights_only=True)["arch"] == "resnet18"
+    details = json.loads((project / "reports/eval.json").read_text())
+    for mode in MODES:
+        summary = json.loads((project / f"reports/train/{mode}.json").read_text())
+        decision = summary["auto_decision"]  # precision and layout measured here, not assumed
+        assert decision["chosen"] in decision["seconds_per_image"]["model"] and decision["margin"] >= 0.05
+        assert summary["precision"] == decision["chosen"].split()[0]
+        # Test metrics do not hang on a timing: fp32 in the plain layout, nothing measured.
+        assert (details[mode]["precision"], details[mode]["channels_last"], details[mode]["auto_decision"]) == \
+            ("fp32", False, None)
 
     diff = json.loads(run(["dvc", "metrics", "diff", "--all", "--json"], project, env).stdout)
     assert {f"{mode}.accuracy" for mode in MODES} <= set(diff["metrics/eval.json"])
@@ -139,12 +145,15 @@ def test_each_stage_depends_on_the_code_it_runs():
     """A change to any module a stage imports re-runs that stage under dvc repro."""
     root = Path(__file__).resolve().parents[1]
     stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    modules = {name: stage["cmd"].split()[2] for name, stage in stages.items()}  # python -m transferlab.stages.X
+    code = ("import sys, {}; print('\\n'.join(m.__file__ for n, m in sys.modules.items() "
+            "if n.startswith('transferlab') and getattr(m, '__file__', None)))")
+    # One interpreter per module (the three trainers share one), all at once: each imports only its own.
+    running = {module: subprocess.Popen([sys.executable, "-c", code.format(module)], stdout=subprocess.PIPE, text=True)
+               for module in set(modules.values())}
+    imported = {module: process.communicate()[0].split() for module, process in running.items()}
     for name, stage in stages.items():
-        module = stage["cmd"].split()[2]  # python -m transferlab.stages.X [mode]
-        code = (f"import sys, {module}; print('\\n'.join(m.__file__ for n, m in sys.modules.items() "
-                f"if n.startswith('transferlab') and getattr(m, '__file__', None)))")
-        files = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-        used = {Path(f).resolve().relative_to(root / "src/transferlab").as_posix() for f in files}
+        used = {Path(f).resolve().relative_to(root / "src/transferlab").as_posix() for f in imported[modules[name]]}
         listed = {d.removeprefix("src/transferlab/") for d in stage["deps"] if d.startswith("src/transferlab/")}
         assert used - PLUMBING <= listed, f"{name}: dvc.yaml does not list {sorted(used - PLUMBING - listed)}"
         assert listed <= used, f"{name}: dvc.yaml lists {sorted(listed - used)}, which it does not run"
@@ -156,17 +165,17 @@ def test_fifty_classes_run_the_whole_pipeline_and_stay_legible(tmp_path):
 
     data = tmp_path / "fifty"
     for c in range(50):
-        for i in range(6):
+        for i in range(4):  # 2 train, 1 val, 1 test each
             make_image(data / f"species number {c:02d}" / f"{i}.jpg", ((c * 37) % 256, (c * 91) % 256, 90), c * 10 + i)
     project = copy_project(tmp_path / "project")
-    set_params(project, data={"url": str(data)}, train={"epochs": 1, "batch_size": 8},
+    set_params(project, data={"url": str(data)}, train={"epochs": 1, "batch_size": 8, **PINNED_HARDWARE},
                split={"val_fraction": 0.25, "test_fraction": 0.25})
     torch_home = tmp_path / "torch_home"
     write_test_weights(torch_home, "squeezenet1_0")
     env = pipeline_env(torch_home)
     run(["dvc", "repro"], project, env)
     report = json.loads((project / "data/split/report.json").read_text())
-    assert len(report["classes"]) == 50 and sum(report["counts"]["test"].values()) == 75
+    assert len(report["classes"]) == 50 and sum(report["counts"]["test"].values()) == 50
     details = json.loads((project / "reports/eval.json").read_text())
     assert len(details["finetune"]["confusion"]) == 50 and len(details["finetune"]["most_confused"]) <= 10
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], project, env).stdout)

@@ -37,7 +37,8 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture
 def images(tmp_path):
     folder = tmp_path / "photos"
-    paths = [make_image(folder / "sub" / f"{i}.jpg", (40 * i, 90, 200 - 30 * i), i, (300 + 10 * i, 260)) for i in range(5)]
+    paths = [make_image(folder / "sub" / f"{i}.jpg", (40 * i, 90, 200 - 30 * i), i, (300 + 10 * i, 260))
+             for i in range(5)]
     (folder / "notes.jpg").write_text("not an image")
     return folder, paths
 
@@ -64,7 +65,8 @@ def test_predictions_match_what_evaluate_computes(checkpoint, images, tmp_path):
     ours = classifier.predict(paths, top_k=3)
     samples = [Sample(str(p), "ants") for p in paths]
     store = open_store(samples, classifier.preprocess.resize_size, tmp_path / "cache")
-    loader = make_loader(ImageDataset(samples, CLASSES, build_transform(classifier.preprocess, False), store), 2, False, 0)
+    dataset = ImageDataset(samples, CLASSES, build_transform(classifier.preprocess, False), store)
+    loader = make_loader(dataset, 2, False, 0)
     from transferlab.engine import predict
     reference = predict(classifier.model, loader, pick_hardware("cpu", "fp32", False, 0, False)).probs
     for prediction, probs in zip(ours, reference):
@@ -105,6 +107,7 @@ def test_predict_command_writes_table_csv_json_and_grid(checkpoint, images, tmp_
 
 def test_predict_command_with_a_bad_checkpoint_says_so(tmp_path):
     (tmp_path / "fake.pt").write_text("not a checkpoint")
-    command = [os.path.join(os.path.dirname(sys.executable), "transferlab"), "predict", str(tmp_path / "fake.pt"), "x.jpg"]
+    command = [os.path.join(os.path.dirname(sys.executable), "transferlab"), "predict", str(tmp_path / "fake.pt"),
+               "x.jpg"]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 1 and "Traceback" not in result.stderr and "refused to load" in result.stderr

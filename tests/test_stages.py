@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_project, git_commit, interrupt, pipeline_env, run, tiny_project
+from conftest import copy_finished, copy_project, interrupt, pipeline_env, run
 
 MODES = ("finetune", "extract", "scratch")
 OUTPUTS = ["data/raw", "data/fetch.json", "data/split", *(f"models/{m}.pt" for m in MODES),
@@ -34,11 +34,10 @@ def snapshot(project: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A project whose whole pipeline ran once (2 epochs, tiny data), committed: the user's last good run."""
-    project, env = tiny_project(tmp_path_factory.mktemp("faults"), epochs=2, batch_size=4)
-    run(["dvc", "repro"], project, env)
-    git_commit(project, "last good run")
+def finished(finished_project, tmp_path_factory):
+    """A project whose whole pipeline ran once (2 epochs, tiny data), committed: the user's last
+    good run (a copy of the session's, which these tests change)."""
+    project, env = copy_finished(finished_project, tmp_path_factory.mktemp("faults") / "project")
     return project, env, snapshot(project)
 
 
@@ -188,7 +187,8 @@ def small_disk(tmp_path):
     """A 1 MB tmpfs: a real full disk. Needs the right to mount (root, or a user namespace)."""
     mount = tmp_path / "small-disk"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({made.stderr.strip() or 'mount failed'})")
     yield mount

@@ -72,7 +72,8 @@ def test_an_interrupted_decode_continues_where_it_stopped(tmp_path, samples, mon
     store = open_store(samples, SIDE, cache)
     assert seen == [len(samples) - 5]  # only the rest was decoded
     assert "continuing an interrupted decode after 5 of 12 images" in capsys.readouterr().out
-    assert all(np.array_equal(store.image(store.slot(s), s.path), np.asarray(load_image(s.path, SIDE))) for s in samples)
+    assert all(np.array_equal(store.image(store.slot(s), s.path), np.asarray(load_image(s.path, SIDE)))
+               for s in samples)
 
 
 def test_a_truncated_store_decodes_what_is_missing(tmp_path, samples, capfd):
@@ -82,7 +83,8 @@ def test_a_truncated_store_decodes_what_is_missing(tmp_path, samples, capfd):
     pixels.write_bytes(pixels.read_bytes()[:pixels.stat().st_size // 2])
     store = open_store(samples, SIDE, cache)
     assert "(truncated or damaged); decoding the missing images again" in capfd.readouterr().err
-    assert all(np.array_equal(store.image(store.slot(s), s.path), np.asarray(load_image(s.path, SIDE))) for s in samples)
+    assert all(np.array_equal(store.image(store.slot(s), s.path), np.asarray(load_image(s.path, SIDE)))
+               for s in samples)
 
 
 def test_an_unreadable_index_is_rebuilt(tmp_path, samples, capfd):
@@ -144,7 +146,8 @@ def test_a_write_failing_for_lack_of_space_says_so_and_keeps_what_was_committed(
             out.write = full
     monkeypatch.setattr(store_module, "COMMIT_SECONDS", 0.0)
     monkeypatch.setattr(store_module, "_commit", commit_then_fill_the_disk)
-    with pytest.raises(DiskFullError, match="no space left on .*the images decoded so far are kept.*TRANSFERLAB_CACHE_DIR"):
+    words = "no space left on .*the images decoded so far are kept.*TRANSFERLAB_CACHE_DIR"
+    with pytest.raises(DiskFullError, match=words):
         open_store(samples, SIDE, tmp_path / "cache", workers=1)
     monkeypatch.setattr(store_module, "_commit", real_commit)
     store = open_store(samples, SIDE, tmp_path / "cache", workers=1)  # space freed: it continues

@@ -3,8 +3,8 @@
 A frozen backbone's output never changes, so each training image is passed through it `views`
 times (each a fresh random crop and flip, the tutorial's augmentation) and each val image once;
 the head then trains on those cached embeddings. Every epoch takes every image once, in a random
-order, each as one of its views drawn at random: an epoch has the tutorial's steps and images. The cache is keyed by model, weights, preprocessing,
-views, seed, precision and the images' bytes.
+order, each as one of its views drawn at random: an epoch has the tutorial's steps and images.
+The cache is keyed by model, weights, preprocessing, views, seed, precision and the images' bytes.
 
 Embeddings are written to disk batch by batch and read memory-mapped, like the decoded images:
 memory stays flat in the number of images. Each file's CRC-32 is checked when it is opened; a
@@ -266,7 +266,8 @@ def _map(path: Path, meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _cache_key(built: BuiltModel, train: list[Sample], val: list[Sample], views: int, seed: int,
                hw: Hardware, batch_size: int) -> str:
-    identity = json.dumps([CACHE_FORMAT, batch_size, built.arch, built.weights_id, built.arch_kwargs, built.preprocess.__dict__, views, seed,
+    identity = json.dumps([CACHE_FORMAT, batch_size, built.arch, built.weights_id, built.arch_kwargs,
+                           built.preprocess.__dict__, views, seed,
                            str(hw.amp_dtype), hw.tensor_batches, samples_digest(train), samples_digest(val)],
                           sort_keys=True)
     return hashlib.sha256(identity.encode()).hexdigest()[:20]

@@ -19,7 +19,6 @@ import copy
 import ctypes
 import hashlib
 import json
-import os
 import platform
 import statistics
 import time
@@ -144,7 +143,8 @@ def decide(hw: Hardware, work: Workload, cache_dir: Path, key_parts: list,
     if not auto and not measure_inputs:
         return hw
     candidates = candidate_settings(hw, auto) if auto else {}
-    key = hashlib.sha256(json.dumps([DECISION_FORMAT, machine_name(hw.device), torch.__version__, torch.get_num_threads(),
+    key = hashlib.sha256(json.dumps([DECISION_FORMAT, machine_name(hw.device), torch.__version__,
+                                     torch.get_num_threads(),
                                      work.crop_size, work.shapes(), key_parts, sorted(candidates),
                                      measure_inputs], sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = Path(cache_dir) / "hardware" / f"decision-{key}.json"

@@ -69,7 +69,8 @@ def prepare(built: BuiltModel, classes: list[str], samples: dict[str, list[Sampl
 
 
 def train_head_first(built: BuiltModel, classes: list[str], samples: dict[str, list[Sample]], train: TrainParams,
-                     hw: Hardware, seed: int, source: ImageSource, cache_dir: Path, world: World = SINGLE) -> list[dict]:
+                     hw: Hardware, seed: int, source: ImageSource, cache_dir: Path,
+                     world: World = SINGLE) -> list[dict]:
     """The first part of fastai's fine_tune: the new head alone, on the frozen backbone (over cached
     embeddings), for train.head_epochs epochs at train.lr. Returns their history; the head's
     weights stay in `built.model`, and what was trainable before is trainable again."""
