@@ -3,6 +3,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import make_image
 from filelock import FileLock
 
@@ -42,6 +43,7 @@ def test_prune_skips_an_entry_being_built(tmp_path):
     assert lock_file.stat().st_ino == inode
 
 
+@pytest.mark.integration
 def test_cache_command_reports_and_prunes(tmp_path):
     cache = tmp_path / "cache"
     open_store([Sample(str(make_image(tmp_path / "x.jpg", (9, 9, 9), 0)), "a")], 20, cache)

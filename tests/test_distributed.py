@@ -109,6 +109,7 @@ def one_and_two(tmp_path_factory):
     return results
 
 
+@pytest.mark.integration
 def test_two_processes_take_the_steps_of_one_and_end_with_its_weights(one_and_two):
     one, two = one_and_two
     assert one["steps"] == two["steps"] == 3  # batch_size is the global batch
@@ -119,6 +120,7 @@ def test_two_processes_take_the_steps_of_one_and_end_with_its_weights(one_and_tw
         assert torch.allclose(weights, two["state"][name], atol=1e-5), name
 
 
+@pytest.mark.integration
 def test_two_processes_embed_the_images_one_does_in_the_same_order(one_and_two):
     one, two = one_and_two
     (x1, y1), (x2, y2) = one["embeddings"], two["embeddings"]
@@ -158,6 +160,7 @@ def project(finished_project, tmp_path_factory):
     return copy_finished(finished_project, tmp_path_factory.mktemp("dp") / "project")
 
 
+@pytest.mark.integration
 def test_processes_2_through_dvc_exp_run(project):
     project, env = project
     one = {mode: json.loads((project / f"reports/train/{mode}.json").read_text()) for mode in ("finetune", "extract")}
@@ -178,6 +181,7 @@ def test_processes_2_through_dvc_exp_run(project):
     assert "train.processes" in run(["dvc", "exp", "show", "--csv"], project, env).stdout
 
 
+@pytest.mark.integration
 def test_a_killed_process_stops_the_run_keeps_the_outputs_and_the_run_resumes(project):
     project, env = project
     good = snapshot(project)
@@ -199,6 +203,7 @@ def test_a_killed_process_stops_the_run_keeps_the_outputs_and_the_run_resumes(pr
     assert json.loads((project / "metrics/train/finetune.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.integration
 def test_the_stage_runs_under_torchrun_as_on_two_machines(project):
     """The README's multi-machine command, both "machines" here: two torchrun agents meeting at
     one rendezvous endpoint, one process each."""
@@ -222,6 +227,7 @@ def test_the_stage_runs_under_torchrun_as_on_two_machines(project):
     assert "train-finetune" not in run(["dvc", "status", "train-finetune"], project, env).stdout
 
 
+@pytest.mark.integration
 def test_a_failing_process_stops_the_others_with_one_clear_error(capfd):
     start = time.perf_counter()
     with pytest.raises(UserError, match=r"test: process 1 of 2 failed with exit code 1 \(its message is above\)"):

@@ -3,9 +3,12 @@ import io
 import json
 import sys
 
+import pytest
 import torch
 import yaml
 from conftest import PINNED_HARDWARE, copy_project, interrupt, make_dataset, pipeline_env, run
+
+pytestmark = pytest.mark.integration  # through the real tools (make test-integration)
 
 TRAIN = [sys.executable, "-m", "transferlab.stages.train", "scratch"]
 

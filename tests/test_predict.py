@@ -90,6 +90,7 @@ def test_a_checkpoint_from_another_version_is_refused_clearly(tmp_path, changes,
         Classifier.load(tmp_path / "nope.pt")
 
 
+@pytest.mark.integration
 def test_predict_command_writes_table_csv_json_and_grid(checkpoint, images, tmp_path):
     folder, _ = images
     command = [os.path.join(os.path.dirname(sys.executable), "transferlab"), "predict", str(checkpoint),
@@ -105,6 +106,7 @@ def test_predict_command_writes_table_csv_json_and_grid(checkpoint, images, tmp_
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.integration
 def test_predict_command_with_a_bad_checkpoint_says_so(tmp_path):
     (tmp_path / "fake.pt").write_text("not a checkpoint")
     command = [os.path.join(os.path.dirname(sys.executable), "transferlab"), "predict", str(tmp_path / "fake.pt"),

@@ -11,6 +11,8 @@ import pytest
 import yaml
 from conftest import copy_finished, copy_project, interrupt, pipeline_env, run
 
+pytestmark = pytest.mark.integration  # through the real tools (make test-integration)
+
 MODES = ("finetune", "extract", "scratch")
 OUTPUTS = ["data/raw", "data/fetch.json", "data/split", *(f"models/{m}.pt" for m in MODES),
            *(f"logs/{m}" for m in MODES), *(f"metrics/train/{m}.json" for m in MODES),
