@@ -11,7 +11,6 @@ RUN_BY = {
     r"make repro": ".ci/run installs with the Makefile; tests/test_real_data.py runs the same dvc repro offline",
     r"make test": ".ci/run",
     r"make bench": "benchmarks/speed.py, run by hand (a benchmark, not a test)",
-    r"\.venv/bin/pytest -m \"not slow\"": "the developer's fast loop; .ci/run runs the whole suite",
     r"dvc exp run -S model=resnet": "tests/test_pipeline.py::test_repro_then_experiment_then_metrics_diff",
     r"dvc exp run -S scratch\.lr=\S+ -S scratch\.epochs=\S+": "tests/test_stages.py::test_documented_per_mode_overrides_work_as_written",
     r"dvc exp run -S \+\+scratch\.gamma=\S+": "tests/test_stages.py::test_documented_per_mode_overrides_work_as_written",
