@@ -222,10 +222,10 @@ class DeviceImages:
 class TensorBatches:
     """Batches of (normalised images, targets) on the device, for one split; iterate once per epoch.
 
-    Training batches are shuffled (unless shuffle=False) and augmented from `generator` (order, crop boxes, flips);
-    evaluation batches are resized and centre-cropped as torchvision's Resize + CenterCrop do. With
-    several processes, each draws for the whole batch (so all stay in step, and the batch is the
-    one a single process would see) and crops its share.
+    Training batches are shuffled (unless shuffle=False) and augmented from `generator` (order,
+    crop boxes, flips); evaluation batches are resized and centre-cropped as torchvision's Resize +
+    CenterCrop do. With several processes, each draws for the whole batch (so all stay in step, and
+    the batch is the one a single process would see) and crops its share.
     """
 
     def __init__(self, images: DeviceImages, samples: list[Sample], classes: list[str], pre: Preprocess,

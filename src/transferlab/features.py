@@ -92,9 +92,9 @@ def feature_loaders(built: BuiltModel, train: list[Sample], val: list[Sample], b
 
     `image_loader(samples, augment)` gives batches of the images in the samples' order, never
     shuffled: augmented (one pass = one view) or not; with several processes, this one's share of
-    each batch. Each process then embeds its shares,
-    rank 0 puts them together in the order one process writes them, and every process reads the
-    cache: it must lie in a folder all of them see (TRANSFERLAB_CACHE_DIR, across machines).
+    each batch. Each process then embeds its shares, rank 0 puts them together in the order one
+    process writes them, and every process reads the cache: it must lie in a folder all of them see
+    (TRANSFERLAB_CACHE_DIR, across machines).
     """
     main_head = built.head_names[-1]  # inception lists its auxiliary head first; eval uses the main one
     head_only = split_off_head(built.model, main_head)

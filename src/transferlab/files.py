@@ -158,8 +158,7 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
         pid = _writer_pid(tmp.name)
         if pid is None or pid == os.getpid() or _alive(pid):
             continue
-        target = tmp.with_name(tmp.name[1:-len(OLD_SUFFIX)].rsplit(".", 1)[0]) if tmp.name.endswith(OLD_SUFFIX) \
-            else None
+        target = _parked_for(tmp)
         if target is not None and not os.path.lexists(target):
             os.replace(tmp, target)
             fsync_dir(target.parent)
@@ -168,6 +167,14 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
         remove(tmp)
         removed.append(tmp)
     return removed
+
+
+def _parked_for(tmp: Path) -> Path | None:
+    """The folder whose old version `tmp` holds, if `tmp` is one that swap_in parked."""
+    if not tmp.name.endswith(OLD_SUFFIX):
+        return None
+    name_and_pid = tmp.name[1:-len(OLD_SUFFIX)]  # ".<target>.<pid>.old.tmp"
+    return tmp.with_name(name_and_pid.rsplit(".", 1)[0])
 
 
 def _writer_pid(name: str) -> int | None:

@@ -240,6 +240,7 @@ def _warm_up(hw: Hardware, settings: dict, work: Workload, model: nn.Module,
     step = _stepper(model, trial)
     start = time.perf_counter()
     try:
+        trial.prepare(model)
         for size, train in work.shapes():
             step(size, train, work.crop_size)
             if time.perf_counter() - start > box_seconds:
@@ -251,6 +252,7 @@ def _warm_up(hw: Hardware, settings: dict, work: Workload, model: nn.Module,
               ((work.train_images, work.train_batch, True), (work.infer_images, work.infer_batch, False)) if images]
 
     def one_round() -> float:
+        trial.prepare(model)  # the candidates share the model: its layout, switched outside the timing
         cost = 0.0
         for images, size, train in phases:
             t0 = time.perf_counter()
@@ -261,14 +263,13 @@ def _warm_up(hw: Hardware, settings: dict, work: Workload, model: nn.Module,
 
 
 def _stepper(model: nn.Module, hw: Hardware) -> Callable[[int, bool, int], None]:
-    """One training step (forward, backward, optimizer) or one inference forward on random input,
-    with `model` in `hw`'s layout (switched at each call: candidates share the model)."""
+    """One training step (forward, backward, optimizer) or one inference forward on random input;
+    `model` must be in `hw`'s layout already."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9) if params else None
     scaler = hw.grad_scaler()
 
     def step(size: int, train: bool, crop: int) -> None:
-        hw.prepare(model)
         images = hw.to_device(torch.randn(size, 3, crop, crop))
         if train and optimizer is not None:
             model.train()
