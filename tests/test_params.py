@@ -61,6 +61,8 @@ def test_exponent_without_dot_is_a_float(raw):
     (lambda r: r["split"].update(val_fraction=1.5), "split.val_fraction", "between 0 and 1"),
     (lambda r: r["data"].update(sha256="abc"), "data.sha256", "64 hex digits"),
     (lambda r: r["evaluate"].update(batch_size=0), "evaluate.batch_size", "greater than 0"),
+    (lambda r: r["split"].update(near_duplicate_distance=65), "split.near_duplicate_distance", "0..64"),
+    (lambda r: r["evaluate"].update(precision="fp8"), "evaluate.precision", "fp32"),
     (lambda r: r.pop("seed"), "seed", "missing"),
     (lambda r: r["train"].pop("lr"), "train.lr", "missing"),
     (lambda r: r.pop("extract"), "extract", "section is missing"),

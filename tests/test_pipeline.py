@@ -53,6 +53,8 @@ def test_repro_then_experiment_then_metrics_diff(finished_project, tmp_path):
 
     report = json.loads((project / "data/split/report.json").read_text())
     assert report["counts"]["test"] == {"ants": 4, "bees": 4}
+    assert report["near_duplicates"] == {"threshold": 8, "pairs": []}  # checked, none among distinct images
+    assert "near-copies (perceptual-hash distance <= 8): 0 images left out of train and val" in out
     for mode in MODES:
         checkpoint = torch.load(project / f"models/{mode}.pt", weights_only=True)
         assert (checkpoint["arch"], checkpoint["classes"], checkpoint["mode"]) == \

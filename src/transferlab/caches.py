@@ -17,7 +17,7 @@ from filelock import FileLock, Timeout
 from transferlab.files import remove
 
 KINDS = {"decoded-": "decoded images", "features-": "embeddings", "hardware": "hardware decisions",
-         "resume": "resume states"}
+         "resume": "resume states", "phash-": "perceptual hashes"}
 
 
 @dataclass(frozen=True)

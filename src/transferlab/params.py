@@ -42,11 +42,15 @@ class SplitParams:
     val_fraction: float
     test_fraction: float
     test_seed: int
+    near_duplicate_distance: Union[int, Literal["off"]]
 
     def check(self, key: str) -> None:
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             _require(0 < value < 1, f"{key}.{name}", f"is {value}; it must lie strictly between 0 and 1")
+        if self.near_duplicate_distance != "off":
+            _require(0 <= self.near_duplicate_distance <= 64, f"{key}.near_duplicate_distance",
+                     f"is {self.near_duplicate_distance}; bits of a 64-bit hash lie in 0..64 (or off)")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from sklearn.model_selection import train_test_split
 
 from transferlab.errors import UserError
 from transferlab.images import Sample, file_digest, is_image_file, load_image
+from transferlab.near_duplicates import near_copies
 
 # Decoding at a small scale still reads every byte of the file, so truncation is caught, cheaply.
 _CHECK_SIDE = 64
@@ -89,13 +90,16 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int, name: st
     return _sorted(rest), _sorted(part)
 
 
-def make_splits(raw: Path, val_fraction: float, test_fraction: float, seed: int,
-                test_seed: int = 0) -> tuple[dict[str, list[Sample]], dict]:
+def make_splits(raw: Path, val_fraction: float, test_fraction: float, seed: int, test_seed: int = 0,
+                near_distance: int | None = None,
+                cache_dir: Path | None = None) -> tuple[dict[str, list[Sample]], dict]:
     """Split the fetched folder `raw` into train/val/test and describe what was done.
 
     `raw/train` and `raw/val` (the tutorial's layout): test = val/, val = a stratified part of
     train/. Otherwise `raw/<class>/` folders: test and val are both split off, test with its own
-    `test_seed`, so that runs with different `seed`s are scored on the same test images.
+    `test_seed`, so that runs with different `seed`s are scored on the same test images. With
+    `near_distance` (perceptual-hash bits), near-copies of a test image leave train and val, and a
+    val image with a near-copy in train moves to train (the best epoch is not picked on copies).
     """
     if (raw / "train").is_dir():
         layout = "train/ and val/ folders" if (raw / "val").is_dir() else "train/ folder only"
@@ -116,7 +120,16 @@ def make_splits(raw: Path, val_fraction: float, test_fraction: float, seed: int,
                          f"skipped{', e.g. ' + examples if examples else ''}")
     if not test:
         pool, test = stratified_split(pool, test_fraction, test_seed, "test")
+    near = {"threshold": "off" if near_distance is None else near_distance, "pairs": []}
+    if near_distance is not None:
+        pool, left_out = drop_near_copies(pool, test, near_distance, cache_dir)
+        skipped += [{"path": row["path"], "reason": f"near-copy of test image {row['twin']} (perceptual-hash "
+                     f"distance {row['distance']})"} for row in left_out]
+        near["pairs"] += [{**row, "action": "left out of train and val"} for row in left_out]
     train, val = stratified_split(pool, val_fraction, seed, "val")
+    if near_distance is not None:
+        train, val, moved = move_near_copies(train, val, near_distance, cache_dir)
+        near["pairs"] += [{**row, "action": "moved from val to train"} for row in moved]
     splits = {"train": train, "val": val, "test": _sorted(test)}
     report = {
         "layout": layout,
@@ -124,8 +137,26 @@ def make_splits(raw: Path, val_fraction: float, test_fraction: float, seed: int,
         "counts": {name: _counts(rows, classes) for name, rows in splits.items()},
         "skipped": sorted(skipped, key=lambda row: row["path"]),
         "empty_classes": _empty_classes(raw, classes),
+        "near_duplicates": near,
     }
     return splits, report
+
+
+def drop_near_copies(pool: list[Sample], test: list[Sample], distance: int,
+                     cache_dir: Path | None) -> tuple[list[Sample], list[dict]]:
+    """`pool` without the near-copies of test images, and those left out (with twin and distance)."""
+    found = near_copies(pool, test, distance, cache_dir)
+    out = {row["path"] for row in found}
+    return [s for s in pool if s.path not in out], found
+
+
+def move_near_copies(train: list[Sample], val: list[Sample], distance: int,
+                     cache_dir: Path | None) -> tuple[list[Sample], list[Sample], list[dict]]:
+    """Val images with a near-copy in train, moved to train: val then holds no copy of a training image."""
+    found = near_copies(val, train, distance, cache_dir)
+    moving = {row["path"] for row in found}
+    return (_sorted(train + [s for s in val if s.path in moving]), [s for s in val if s.path not in moving],
+            found)
 
 
 def _check_same_classes(train: list[Sample], test: list[Sample], raw: Path) -> None:

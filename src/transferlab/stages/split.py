@@ -5,7 +5,7 @@ from transferlab.files import atomic_dir, signals_deferred, write_json
 from transferlab.images import write_split
 from transferlab.params import load_params
 from transferlab.splits import make_splits
-from transferlab.stages import require_inputs, run_stage
+from transferlab.stages import cache_dir, require_inputs, run_stage
 
 RAW_DIR = Path("data/raw")
 SPLIT_DIR = Path("data/split")
@@ -15,13 +15,20 @@ def main() -> None:
     require_inputs({str(RAW_DIR): "fetch"})
     params = load_params(check_model=False)  # builds no model: starts without torchvision
     split = params.split
-    splits, report = make_splits(RAW_DIR, split.val_fraction, split.test_fraction, params.seed, split.test_seed)
+    near = None if split.near_duplicate_distance == "off" else split.near_duplicate_distance
+    splits, report = make_splits(RAW_DIR, split.val_fraction, split.test_fraction, params.seed, split.test_seed,
+                                 near, cache_dir())
     with signals_deferred(), atomic_dir(SPLIT_DIR) as out:  # the four files replaced together
         for name, samples in splits.items():
             write_split(out / f"{name}.csv", samples)
         write_json(out / "report.json", report)
     counts = ", ".join(f"{name} {sum(c.values())}" for name, c in report["counts"].items())
     print(f"classes {report['classes']}: {counts}; skipped {len(report['skipped'])} files")
+    pairs = report["near_duplicates"]["pairs"]
+    print(f"near-copies (perceptual-hash distance <= {report['near_duplicates']['threshold']}): "
+          f"{sum(p['action'] == 'left out of train and val' for p in pairs)} images left out of train and val "
+          f"(a twin is in test), {sum(p['action'] == 'moved from val to train' for p in pairs)} moved from val "
+          f"to train (a twin is in train)")
     for row in report["skipped"]:
         print(f"  skipped {row['path']}: {row['reason']}")
 
