@@ -45,6 +45,7 @@ RUN_BY = {
     r"for p in classifier\.predict\(.*": "tests/test_predict.py::test_three_lines_from_checkpoint_to_predictions",
     r"transferlab (train|STAGE): .*": "a message the README quotes, not a command",
     r"\"most_confused\": .*": "an excerpt of reports/eval.json, not a command",
+    r"near-copies \(perceptual-hash distance .*": "a line the split stage prints, not a command",
 }
 
 
