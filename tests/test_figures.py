@@ -68,3 +68,17 @@ def test_prediction_grid_with_fewer_images_than_asked(tmp_path):
         csv.writer(f).writerows([["path", "actual", "predicted", "confidence"], *rows])
     plot_prediction_grid(tmp_path / "p.csv", 16, tmp_path / "grid.png", "grid")
     assert is_png(tmp_path / "grid.png")
+
+
+@pytest.mark.parametrize("n", [2, 100])
+def test_top_losses_stay_legible_from_2_to_100_classes(tmp_path, n):
+    from transferlab.figures import plot_top_losses
+
+    classes = [f"a rather long class name number {i}" for i in range(n)]
+    images = [str(make_image(tmp_path / f"{i}.jpg", (20 * i % 255, 90, 9), i)) for i in range(10)]
+    mistakes = [{"path": p, "true": classes[i % n], "predicted": classes[(i + 1) % n], "confidence": 0.9 - i / 20,
+                 "loss": 3.0} for i, p in enumerate(images)]
+    evaluation = {"finetune": {"top_losses": mistakes}, "extract": {"top_losses": mistakes[:3]},
+                  "scratch": {"top_losses": []}}  # scratch got every test image right
+    plot_top_losses(evaluation, MODES, tmp_path / "top.png")
+    assert is_png(tmp_path / "top.png")

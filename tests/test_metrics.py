@@ -59,3 +59,20 @@ def test_headline_keeps_a_few_numbers_whatever_the_number_of_classes():
     full = classification_metrics(targets, probs, classes)
     assert sorted(headline(full)) == sorted(["accuracy", "accuracy_ci95_low", "accuracy_ci95_high",
                                              "balanced_accuracy", "roc_auc"])
+
+
+def test_top_losses_are_the_wrong_images_the_model_was_surest_of():
+    from transferlab.metrics import top_losses
+
+    classes = ["ants", "bees", "wasps"]
+    probs = np.array([[0.9, 0.05, 0.05],   # right
+                      [0.2, 0.7, 0.1],     # wrong, 70% sure
+                      [0.05, 0.05, 0.9],   # wrong, 90% sure
+                      [0.4, 0.35, 0.25]])  # right, barely
+    targets = np.array([0, 0, 1, 0])
+    found = top_losses(probs, targets, ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], classes)
+    assert [(m["path"], m["true"], m["predicted"], m["confidence"]) for m in found] == [
+        ("c.jpg", "bees", "wasps", 0.9), ("b.jpg", "ants", "bees", 0.7)]
+    assert found[0]["loss"] == pytest.approx(-np.log(0.05), abs=1e-4)
+    assert top_losses(probs, targets, list("abcd"), classes, top=1)[0]["path"] == "c"
+    assert top_losses(probs[:1], targets[:1], ["a"], classes) == []

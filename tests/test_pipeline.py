@@ -82,8 +82,13 @@ def test_repro_then_experiment_then_metrics_diff(finished_project, tmp_path):
     numbers = [v for files in shown.values() for f in files["data"].values() for m in f["data"].values()
                for v in (m.values() if isinstance(m, dict) else [m])]
     assert len(numbers) == 3 * 5 + 3 * 3  # what `dvc exp show` puts in columns: a screenful
-    for png in ("val_accuracy", "loss", "test_accuracy", "confusion", "test_predictions"):
+    for png in ("val_accuracy", "loss", "test_accuracy", "confusion", "test_predictions", "top_losses"):
         assert (project / f"plots/{png}.png").read_bytes()[:4] == b"\x89PNG"
+    for mode in MODES:  # the images each mode got most surely wrong, surest first
+        mistakes = details[mode]["top_losses"]
+        assert len(mistakes) == min(16, details[mode]["images"] - details[mode]["correct"])
+        assert all(m["true"] != m["predicted"] for m in mistakes)
+        assert [m["confidence"] for m in mistakes] == sorted((m["confidence"] for m in mistakes), reverse=True)
     assert "Data and pipelines are up to date" in run(["dvc", "status"], project, env).stdout
 
     project, env = copy_finished(finished_project, tmp_path / "project")

@@ -84,3 +84,16 @@ def compare(right: dict[str, np.ndarray], first: str, second: str) -> dict:
     p = mcnemar_p(a, b)
     return {"accuracy_gain": float(a.mean() - b.mean()), "mcnemar_p": p, "significant": p < 0.05,
             f"only_{first}_right": int((a & ~b).sum()), f"only_{second}_right": int((~a & b).sum())}
+
+
+def top_losses(probs: np.ndarray, targets: np.ndarray, paths: list[str], classes: list[str],
+               top: int = 16) -> list[dict]:
+    """The wrongly classified images the model was surest of, surest first (fastai's top losses):
+    where mislabeled data shows. Each with its true and predicted class, the confidence in the
+    prediction and the loss, -log p(true class)."""
+    predicted = probs.argmax(1)
+    wrong = np.flatnonzero(predicted != targets)
+    order = wrong[np.argsort(-probs[wrong, predicted[wrong]], kind="stable")][:top]
+    return [{"path": paths[i], "true": classes[targets[i]], "predicted": classes[predicted[i]],
+             "confidence": round(float(probs[i, predicted[i]]), 4),
+             "loss": round(float(-np.log(max(probs[i, targets[i]], 1e-12))), 4)} for i in order]

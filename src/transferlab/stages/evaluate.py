@@ -1,5 +1,6 @@
 """evaluate: models/MODE.pt + data/split/test.csv -> metrics/eval.json (the headline numbers),
-reports/eval.json (every metric, per-class detail, paired tests) and metrics/predictions/MODE.csv.
+reports/eval.json (every metric, per-class detail, paired tests, the images each mode gets most
+surely wrong) and metrics/predictions/MODE.csv.
 
 The only stage that reads the test split.
 """
@@ -14,7 +15,7 @@ from transferlab.engine import Predictions, predict, seed_everything
 from transferlab.files import load_checkpoint, replaced_together, write_json
 from transferlab.hardware import Hardware, Workload, decide, pick_hardware
 from transferlab.images import Sample, read_split
-from transferlab.metrics import classification_metrics, compare, headline
+from transferlab.metrics import classification_metrics, compare, headline, top_losses
 from transferlab.models import MODES, Preprocess, head_of, rebuild_model
 from transferlab.params import load_params
 from transferlab.stages import cache_dir, require_inputs, run_stage
@@ -41,6 +42,8 @@ def main() -> None:
                                             params.evaluate.batch_size, hw)
         classes = report["classes"] = checkpoint["classes"]
         report[mode] = {**classification_metrics(predictions.targets, predictions.probs, classes),
+                        "top_losses": top_losses(predictions.probs, predictions.targets, [s.path for s in samples],
+                                                 classes),
                         "inference_images_per_s": predictions.stats.images_per_second, **mode_hw.describe()}
         right[mode] = predictions.probs.argmax(1) == predictions.targets
         rows[mode] = prediction_rows(samples, predictions, classes)

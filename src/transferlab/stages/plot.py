@@ -1,7 +1,14 @@
 """plot: training logs, metrics/eval.json, reports/eval.json and predictions -> plots/*.png."""
 from pathlib import Path
 
-from transferlab.figures import plot_confusions, plot_curves, plot_prediction_grid, plot_test_accuracy, read_curve
+from transferlab.figures import (
+    plot_confusions,
+    plot_curves,
+    plot_prediction_grid,
+    plot_test_accuracy,
+    plot_top_losses,
+    read_curve,
+)
 from transferlab.files import read_json, replaced_together
 from transferlab.params import MODES, load_params
 from transferlab.stages import require_inputs, run_stage
@@ -28,6 +35,7 @@ def main() -> None:
                     f"loss, {params.model}", "cross-entropy", plots / "loss.png")
         plot_test_accuracy(evaluation, modes, plots / "test_accuracy.png")
         plot_confusions(evaluation, modes, classes, plots / "confusion.png")
+        plot_top_losses(evaluation, modes, plots / "top_losses.png")
         plot_prediction_grid(Path("metrics/predictions/finetune.csv"), params.plot.grid_images,
                              plots / "test_predictions.png", f"finetune {params.model}: test images, mistakes first")
         written = sorted(p.name for p in plots.glob("*.png"))
