@@ -7,9 +7,11 @@ test images:
 
 - the accuracy interval is a hierarchical bootstrap: seeds and test images both resampled, so it
   holds seed-to-seed spread and test-set sampling noise together;
-- the verdict against the best row is a paired sign-flip permutation test over test images, on
-  each image's accuracy averaged over that row's seeds: under "no difference", the sign of each
-  image's difference between the two rows is a coin toss.
+- the verdict against the best row (`metrics.paired_difference`, the same test evaluate uses)
+  counts both sources of noise, paired on images: which test images were drawn, and the
+  seed-to-seed spread of each row; with one seed per row it is McNemar's exact test. Its p values
+  are Holm-adjusted over the rows compared with the best, and a gap that more seeds could show is
+  called "too few runs to tell", with about how many seeds would.
 """
 from __future__ import annotations
 
@@ -24,10 +26,9 @@ import numpy as np
 import yaml
 
 from transferlab.errors import UserError, warn
+from transferlab.metrics import holm, paired_difference, verdict
 
-ALPHA = 0.05
 BOOTSTRAP = 2000
-PERMUTATIONS = 10000
 
 
 @dataclass
@@ -169,9 +170,11 @@ def leaderboard(runs: list[Run], seed: int = 0) -> list[dict]:
     rows.sort(key=lambda row: -row["accuracy_mean"])
     best = rows[0]
     best["best"], best["verdict"], best["p_value"] = True, "best", None
-    for row in rows[1:]:
-        p = paired_p(row.pop("_right"), best["_right"], rng)
-        row.update(best=False, p_value=p, verdict=verdict(row["accuracy_mean"] - best["accuracy_mean"], p))
+    tests = [paired_difference(row.pop("_right"), best["_right"]) for row in rows[1:]]
+    for row, test, p in zip(rows[1:], tests, holm([test["p_value"] for test in tests])):
+        seeds = min(row["seeds"], best["seeds"])
+        row.update(best=False, p_value=p, p_unadjusted=test["p_value"], test=test["test"],
+                   seeds_needed=test["seeds_needed"], verdict=verdict(test["gap"], p, seeds, test["seeds_needed"]))
     best.pop("_right")
     return rows
 
@@ -195,46 +198,28 @@ def summarise(key: tuple, members: list[tuple[Run, ModeResult]], rng: np.random.
 
 
 def bootstrap_interval(right: np.ndarray, rng: np.random.Generator, draws: int = BOOTSTRAP) -> tuple[float, float]:
-    """95% interval of mean accuracy, resampling seeds and test images (right: seeds x images)."""
+    """95% interval of mean accuracy, resampling seeds, then test images (right: seeds x images)."""
     seeds, images = right.shape
-    means = np.empty(draws)
-    for i in range(draws):
-        per_image = right[rng.integers(0, seeds, seeds)].mean(0)
-        means[i] = per_image[rng.integers(0, images, images)].mean()
-    low, high = np.quantile(means, [0.025, 0.975])
+    means = []
+    for start in range(0, draws, 200):  # 200 draws at a time: memory stays small at 10,000 images
+        n = min(200, draws - start)
+        per_image = right[rng.integers(0, seeds, (n, seeds))].mean(1)  # (n, images)
+        picked = np.take_along_axis(per_image, rng.integers(0, images, (n, images)), 1)
+        means.append(picked.mean(1))
+    low, high = np.quantile(np.concatenate(means), [0.025, 0.975])
     return float(low), float(high)
 
 
-def paired_p(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, draws: int = PERMUTATIONS) -> float:
-    """Two-sided p of a paired sign-flip permutation test on per-image accuracy (seeds x images each)."""
-    diff = a.mean(0) - b.mean(0)
-    observed = abs(diff.mean())
-    if observed == 0:
-        return 1.0
-    hits = 0
-    for start in range(0, draws, 1000):
-        signs = rng.choice([-1.0, 1.0], size=(min(1000, draws - start), len(diff)))
-        hits += int((np.abs(signs @ diff) / len(diff) >= observed - 1e-12).sum())
-    return (hits + 1) / (draws + 1)
-
-
-def verdict(gain: float, p: float) -> str:
-    if p >= ALPHA:
-        return "not distinguishable"
-    return "better" if gain > 0 else "worse"
-
-
-def head_to_head(a: Run, b: Run, seed: int = 0) -> list[dict]:
+def head_to_head(a: Run, b: Run) -> list[dict]:
     """Per mode in both: does B beat A, by how much, and how sure (the honest `dvc metrics diff`)."""
     check_same_test_set([a, b])
-    rng = np.random.default_rng(seed)
     result = []
     for mode in [m for m in a.modes if m in b.modes]:
-        ra, rb = a.modes[mode].right[None].astype(float), b.modes[mode].right[None].astype(float)
-        gain = float(rb.mean() - ra.mean())
-        p = paired_p(rb, ra, rng)
+        ra, rb = a.modes[mode].right[None], b.modes[mode].right[None]
+        test = paired_difference(rb, ra)  # one run each: McNemar's exact test, as evaluate's
+        gain, p = test["gap"], test["p_value"]
         result.append({"mode": mode, "accuracy_a": float(ra.mean()), "accuracy_b": float(rb.mean()), "gain": gain,
-                       "p_value": p, "verdict": verdict(gain, p),
+                       "p_value": p, "verdict": verdict(gain, p, 1, None),
                        "only_a_right": int((ra > rb).sum()), "only_b_right": int((rb > ra).sum())})
     return result
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.stats import binomtest, norm
+from scipy.stats import t as student_t
 from sklearn import metrics as skm
 
 
@@ -97,3 +98,70 @@ def top_losses(probs: np.ndarray, targets: np.ndarray, paths: list[str], classes
     return [{"path": paths[i], "true": classes[targets[i]], "predicted": classes[predicted[i]],
              "confidence": round(float(probs[i, predicted[i]]), 4),
              "loss": round(float(-np.log(max(probs[i, targets[i]], 1e-12))), 4)} for i in order]
+
+
+ALPHA = 0.05
+POWER = 0.8
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> dict:
+    """Is row `a` better than row `b`, as a user asks it: would the ranking hold on re-runs with
+    other seeds and on new images from the same source? `a` and `b` are (seeds, images) arrays of
+    right/wrong on the same test images, paired on images.
+
+    One seed each: McNemar's exact test, as evaluate uses (one question, one answer). Otherwise the
+    gap's variance has three parts, each estimated from the data: the images' (the per-image
+    difference of seed-averaged accuracy, over n images) and each row's seed-to-seed spread (the
+    variance of its per-seed accuracies, over its seeds; a row of one seed borrows the other's). The
+    gap over its standard error is referred to Student's t with Welch-Satterthwaite's degrees of
+    freedom, which two or three seeds keep few: the test is honest about what a third seed could do.
+    Also returned: about how many seeds per row would detect a gap of this size (80% power), or
+    None when the images alone could not (more seeds would not help).
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    gap = float(a.mean() - b.mean())
+    if len(a) == 1 and len(b) == 1:
+        return {"gap": gap, "p_value": mcnemar_p(a[0] > 0, b[0] > 0), "test": "McNemar exact", "seeds_needed": None}
+    images = a.shape[1]
+    image_term = (a.mean(0) - b.mean(0)).var(ddof=1) / images
+    spread = {len(x): x.mean(1).var(ddof=1) for x in (a, b) if len(x) > 1}
+    seed_var = [x.mean(1).var(ddof=1) if len(x) > 1 else max(spread.values()) for x in (a, b)]
+    seed_terms = [var / len(x) for var, x in zip(seed_var, (a, b))]
+    variance = image_term + sum(seed_terms)
+    if variance == 0:
+        return {"gap": gap, "p_value": 1.0 if gap == 0 else 0.0, "test": "two-level t", "seeds_needed": None}
+    parts = [(image_term, images - 1)] + [(term, max(len(x) - 1, 1)) for term, x in zip(seed_terms, (a, b))]
+    df = variance ** 2 / sum(term ** 2 / dof for term, dof in parts if term > 0)
+    p = float(2 * student_t.sf(abs(gap) / variance ** 0.5, df))
+    return {"gap": gap, "p_value": min(1.0, p), "test": "two-level t", "seeds_needed": seeds_needed(
+        gap, image_term, seed_var)}
+
+
+def seeds_needed(gap: float, image_term: float, seed_var: list[float]) -> int | None:
+    """Seeds per row at which a gap this size would be found 80% of the time at the 5% level (a
+    normal approximation), or None where the test images alone leave too much noise."""
+    reach = (abs(gap) / (norm.ppf(1 - ALPHA / 2) + norm.ppf(POWER))) ** 2  # the variance that would do
+    if gap == 0 or image_term >= reach:
+        return None
+    return max(2, math.ceil(sum(seed_var) / (reach - image_term)))
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of several p values (scipy has none): each row's verdict against
+    the best is one of k-1 comparisons, so the chance of any false "worse" stays at 5%."""
+    order = np.argsort(p_values)
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def verdict(gap: float, p: float, seeds: int, needed: int | None) -> str:
+    """What a comparison says: a difference; too few runs to tell it (and how many would); or none
+    that these test images could show."""
+    if p < ALPHA:
+        return "better" if gap > 0 else "worse"
+    if needed is not None and needed > seeds:
+        return f"too few runs to tell ({seeds} seeds; would need about {needed})"
+    return "not distinguishable"
