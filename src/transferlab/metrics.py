@@ -9,16 +9,14 @@ from scipy.stats import t as student_t
 from sklearn import metrics as skm
 
 
-def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """95% confidence interval of a proportion; unlike the normal one it stays in [0, 1] near 100%."""
+def wilson_interval(correct: int, total: int) -> tuple[float, float]:
+    """95% Wilson interval of a proportion (scipy's); unlike the normal one it stays in [0, 1],
+    and is exactly 0 or 1 at 0/n and n/n."""
     if total == 0:
         return 0.0, 1.0
+    interval = binomtest(correct, total).proportion_ci(confidence_level=0.95, method="wilson")
     p = correct / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    # In floating point the bounds of 0/n and n/n can land a hair inside p (60/60 gives an upper
-    # bound of 0.9999999999999999): clamp, so low <= p <= high always holds.
-    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
+    return max(0.0, min(p, float(interval.low))), min(1.0, max(p, float(interval.high)))
 
 
 # What metrics/eval.json keeps per mode, for `dvc metrics show` / `dvc exp show` at a glance; the
