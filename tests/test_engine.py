@@ -86,12 +86,13 @@ def test_frozen_batchnorm_keeps_its_statistics():
 
 
 def test_hardware_choices():
-    hw = pick_hardware("cpu", "fp32", False, 0, False)
+    hw = pick_hardware("cpu", "fp32", False, 0, False, False)
     assert hw.describe() == {"device": "cpu", "precision": "fp32", "channels_last": False, "workers": 0,
                              "pin_memory": False, "keep_freed_memory": False, "input_path": "DataLoader + PIL",
                              "auto_decision": None}
     auto = pick_hardware("cpu")
-    assert auto.workers == 0 and auto.decision == {"auto_fields": ["precision", "channels_last"]}
+    assert auto.workers == 0 and auto.decision == {"auto_fields": ["precision", "channels_last", "tensor_batches"]}
+    assert pick_hardware("cpu", "fp32", False, 0, False, True).tensor_batches  # the input path, pinned
     assert auto.keep_freed_memory == (platform.libc_ver()[0] == "glibc")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA GPU"):

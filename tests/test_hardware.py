@@ -34,3 +34,14 @@ def test_a_decision_is_measured_once_then_read_back(tmp_path):
 @pytest.mark.parametrize("margin, expected", [(0.05, "bf16"), (0.10, "fp32")])
 def test_a_less_precise_candidate_must_win_by_more_than_the_margin(margin, expected):
     assert pick_fastest({"fp32": 1.0, "bf16": 0.93}, ["fp32", "bf16"], margin) == expected
+
+
+def test_a_pinned_input_path_is_not_measured(tmp_path):
+    work = Workload(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)), 2, 8, 8, 4, 4)
+    timed = []
+    pinned = decide(pick_hardware("cpu", "fp32", False, 0, False, True), work, tmp_path, ["x"],
+                    input_seconds=lambda tensor: timed.append(tensor) or 0.001)
+    assert timed == [] and pinned.tensor_batches and pinned.decision == {}
+    measured = decide(pick_hardware("cpu", "fp32", False, 0, False, "auto"), work, tmp_path, ["x"],
+                      input_seconds=lambda tensor: timed.append(tensor) or (0.001 if tensor else 0.002))
+    assert timed == [False, True] and measured.tensor_batches and measured.decision["input_path"] == "tensor batches"

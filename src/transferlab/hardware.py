@@ -80,10 +80,12 @@ class Hardware:
 
 
 def pick_hardware(device: str = "auto", precision: str = "auto", channels_last: bool | str = "auto",
-                  workers: int | str = "auto", keep_memory: bool | str = "auto") -> Hardware:
+                  workers: int | str = "auto", keep_memory: bool | str = "auto",
+                  tensor_batches: bool | str = "auto") -> Hardware:
     """Resolve the device and the settings decided by rule, and apply the process-wide one (the
     memory allocator's); an explicit setting the machine lacks is an error. `auto` precision and
-    layout stay fp32 and NCHW here until `decide` measures them (`auto_fields` says which)."""
+    layout stay fp32 and NCHW here until `decide` measures them (`auto_fields` says which); so does
+    an `auto` input path on a CPU (tensor batches always on a GPU)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -103,8 +105,9 @@ def pick_hardware(device: str = "auto", precision: str = "auto", channels_last: 
         torch.backends.cudnn.benchmark = True  # autotuned once per shape, during `decide`'s warm-up
     hw = Hardware(torch.device(device), DTYPES.get(precision), channels_last is True, int(workers),
                   pin_memory=device == "cuda", keep_freed_memory=bool(keep_memory),
-                  tensor_batches=device != "cpu")
-    auto = [name for name, value in (("precision", precision), ("channels_last", channels_last)) if value == "auto"]
+                  tensor_batches=device != "cpu" if tensor_batches == "auto" else bool(tensor_batches))
+    auto = [name for name, value in (("precision", precision), ("channels_last", channels_last),
+                                     ("tensor_batches", tensor_batches)) if value == "auto"]
     return replace(hw, decision={"auto_fields": auto}) if auto else hw
 
 
@@ -139,10 +142,11 @@ def decide(hw: Hardware, work: Workload, cache_dir: Path, key_parts: list,
     """`hw` with its auto fields set to the fastest measured candidate and, on a CPU, the faster
     input path (`input_seconds(tensor_batches)` times one); measured once, then cached."""
     auto = hw.decision.get("auto_fields", [])
-    measure_inputs = hw.device.type == "cpu" and input_seconds is not None
-    if not auto and not measure_inputs:
-        return hw
-    candidates = candidate_settings(hw, auto) if auto else {}
+    measure_inputs = hw.device.type == "cpu" and input_seconds is not None and "tensor_batches" in auto
+    model_auto = [name for name in auto if name != "tensor_batches"]
+    if not model_auto and not measure_inputs:
+        return replace(hw, decision={}) if auto else hw
+    candidates = candidate_settings(hw, model_auto) if model_auto else {}
     key = hashlib.sha256(json.dumps([DECISION_FORMAT, machine_name(hw.device), torch.__version__,
                                      torch.get_num_threads(),
                                      work.crop_size, work.shapes(), key_parts, sorted(candidates),

@@ -78,6 +78,7 @@ class TrainParams:
     workers: Union[int, Literal["auto"]]
     processes: Union[int, Literal["auto"]]
     keep_freed_memory: Union[bool, Literal["auto"]]
+    tensor_batches: Union[bool, Literal["auto"]]
     deterministic: bool
     cache_features: bool
     feature_views: int

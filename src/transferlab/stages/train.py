@@ -71,7 +71,8 @@ def run(mode: str, world: World) -> None:
     params = load_params()
     train = params.for_mode(mode)
     seed_everything(params.seed, train.deterministic)
-    hw = pick_hardware(train.device, train.precision, train.channels_last, train.workers, train.keep_freed_memory)
+    hw = pick_hardware(train.device, train.precision, train.channels_last, train.workers, train.keep_freed_memory,
+                       train.tensor_batches)
     if hw.device.type == "cuda":
         hw = replace(hw, device=torch.device("cuda", world.local_rank))
     classes = read_json(SPLIT_DIR / "report.json")["classes"]
