@@ -18,8 +18,7 @@ def test_sigterm_keeps_good_outputs_and_resume_matches_an_uninterrupted_run(tmp_
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["model"] = "resnet"  # scratch mode: random init, no weights file needed
     params["data"]["url"] = str(make_dataset(tmp_path / "tiny", train_per_class=8, val_per_class=4))
-    # The DataLoader path with a worker process: its resume must replay the workers' draws too.
-    params["train"].update({**PINNED_HARDWARE, "epochs": 6, "batch_size": 4, "workers": 1, "tensor_batches": False})
+    params["train"].update({**PINNED_HARDWARE, "epochs": 6, "batch_size": 4, "workers": 1})
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = pipeline_env()
     for stage in ("fetch", "split"):
