@@ -19,8 +19,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 # Files a copy of the project needs to run the pipeline (what git tracks, minus outputs).
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "src", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
-                 ".gitignore"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "curves/dvc.yaml", "curves/params.yaml", "pyproject.toml", "src",
+                 ".dvc/config", ".dvc/.gitignore", ".dvc/plots", ".dvcignore", ".gitignore"]
 
 
 def make_image(path: Path, color: tuple[int, int, int], seed: int, size: tuple[int, int] = (48, 40)) -> Path:
@@ -181,12 +181,17 @@ def wait_for_queue(project: Path, env: dict[str, str], timeout: float = 900) -> 
 
 
 def interrupt(command: list[str], cwd: Path, env: dict[str, str], at_line: str,
-              signum: int = signal.SIGTERM) -> tuple[int, str]:
-    """Run `command`, send it `signum` once it prints a line starting with `at_line`; (exit code, stderr)."""
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              signum: int = signal.SIGTERM, group: bool = False) -> tuple[int, str]:
+    """Run `command`, send it `signum` once it prints a line starting with `at_line`; (exit code, stderr).
+    group=True signals its whole process group, as a terminal's Ctrl-C does (dvc and the stage it runs)."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=group)
     for line in process.stdout:
         if line.startswith(at_line):
-            process.send_signal(signum)
+            if group:
+                os.killpg(process.pid, signum)
+            else:
+                process.send_signal(signum)
             break
     _, stderr = process.communicate(timeout=120)
     return process.returncode, stderr

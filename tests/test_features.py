@@ -94,13 +94,21 @@ def test_a_damaged_embedding_cache_is_rebuilt(samples, tmp_path, capfd, damage):
 
 
 def test_every_extract_epoch_takes_each_image_once_as_one_of_its_views():
-    sampler = OneViewPerImage(images=10, views=3, generator=torch.Generator().manual_seed(0))
+    sampler = OneViewPerImage(torch.arange(10), images=10, views=3, generator=torch.Generator().manual_seed(0))
     epochs = [list(sampler) for _ in range(4)]
     for rows in epochs:
         assert sorted(row % 10 for row in rows) == list(range(10))  # each image once
         assert all(0 <= row < 30 for row in rows)
     assert len({row // 10 for rows in epochs for row in rows}) == 3  # every view gets drawn
     assert epochs[0] != epochs[1]
+
+
+def test_a_subset_epoch_takes_only_its_images_as_often_as_listed():
+    """A learning-curve point: images 2 and 7 of the cached 10, each listed three times."""
+    sampler = OneViewPerImage(torch.tensor([2, 7] * 3), images=10, views=3, generator=torch.Generator().manual_seed(0))
+    rows = list(sampler)
+    assert sorted(row % 10 for row in rows) == [2, 2, 2, 7, 7, 7]
+    assert all(0 <= row < 30 for row in rows)
 
 
 def test_views_are_cached_in_the_images_order(samples, tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from transferlab.params import ParamsError, load_params, parse_params
+from transferlab.params import ParamsError, load_curve_params, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +62,8 @@ def test_exponent_without_dot_is_a_float(raw):
     (lambda r: r["data"].update(sha256="abc"), "data.sha256", "64 hex digits"),
     (lambda r: r["evaluate"].update(batch_size=0), "evaluate.batch_size", "greater than 0"),
     (lambda r: r["split"].update(near_duplicate_distance=65), "split.near_duplicate_distance", "0..64"),
+    (lambda r: r["split"].update(train_per_class=0), "split.train_per_class", "1 or more"),
+    (lambda r: r["split"].update(train_per_class="most"), "split.train_per_class", "all"),
     (lambda r: r["evaluate"].update(precision="fp8"), "evaluate.precision", "fp32"),
     (lambda r: r.pop("seed"), "seed", "missing"),
     (lambda r: r["train"].pop("lr"), "train.lr", "missing"),
@@ -126,3 +128,21 @@ def test_recipe_mistakes_name_the_key(raw, edit, key, words):
     edit(raw)
     with pytest.raises(ParamsError, match=f"^{re.escape(key)}: .*{re.escape(words)}"):
         parse_params(raw, check_model=False)
+
+
+def test_the_curve_params_load_and_their_mistakes_name_the_key(tmp_path):
+    curve = load_curve_params(Path(__file__).resolve().parents[1] / "curves/params.yaml")
+    assert curve.images_per_class == (2, 5, 10, 20, 50, "all") and curve.budget == "steps"
+    path = tmp_path / "params.yaml"
+    for text, words in (("curve: {images_per_class: [2, 0], seeds: [0], modes: [extract], budget: steps}",
+                         "curve.images_per_class: is [2, 0]; each is 1 or more, or all"),
+                        ("curve: {images_per_class: [2], seeds: [0, 0], modes: [extract], budget: steps}",
+                         "curve.seeds: [0, 0] lists a value twice"),
+                        ("curve: {images_per_class: [2], seeds: [0], modes: [frozen], budget: steps}",
+                         "curve.modes[0]: 'frozen' is not one of finetune, extract, scratch"),
+                        ("curve: {images_per_class: [2], seeds: [0], modes: [extract], budget: time}",
+                         "curve.budget: 'time' is not one of steps, epochs")):
+        path.write_text(text)
+        with pytest.raises(ParamsError) as err:
+            load_curve_params(path)
+        assert str(err.value) == f"{path}: {words}"

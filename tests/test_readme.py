@@ -39,6 +39,8 @@ RUN_BY = {
     r"torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint \S+ -m transferlab\.stages\.train \w+":
         "tests/test_distributed.py::test_the_stage_runs_under_torchrun_as_on_two_machines (both agents here)",
     r"dvc commit -f train-finetune": "tests/test_distributed.py::test_the_stage_runs_under_torchrun_as_on_two_machines",
+    r"dvc repro curves/dvc\.yaml": "tests/test_curves.py::test_a_curve_through_dvc_runs_new_points_only_continues_after_ctrl_c_and_shares_its_caches",
+    r"dvc plots show learning_curve": "tests/test_curves.py::test_a_curve_through_dvc_runs_new_points_only_continues_after_ctrl_c_and_shares_its_caches",
     r"python benchmarks/\w+\.py.*": "benchmarks, run by hand; their figures are in this README",
     r"from transferlab import Classifier": "tests/test_predict.py::test_three_lines_from_checkpoint_to_predictions",
     r"classifier = Classifier\.load\(.*\)": "tests/test_predict.py::test_three_lines_from_checkpoint_to_predictions",

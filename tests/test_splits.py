@@ -32,6 +32,19 @@ def test_same_seed_same_split_other_seed_other_split(tmp_path):
     assert first["val"] != other["val"] and first["test"] == other["test"]
 
 
+def test_train_per_class_shrinks_train_only_and_says_which_classes_had_fewer(tmp_path):
+    raw = make_dataset(tmp_path / "raw", train_per_class=20, val_per_class=5)
+    for i in range(14):  # bees keep 6 images in train/: fewer than asked for, once val has its share
+        (raw / "train/bees" / f"bees_{i:03d}.jpg").unlink()
+    full, _ = make_splits(raw, 0.2, 0.2, seed=3)
+    bees = sum(s.label == "bees" for s in full["train"])
+    small, report = make_splits(raw, 0.2, 0.2, seed=3, train_per_class=7)
+    assert small["val"] == full["val"] and small["test"] == full["test"]
+    assert set(small["train"]) < set(full["train"])
+    assert bees < 7 and report["counts"]["train"] == {"ants": 7, "bees": bees}
+    assert report["train_per_class"]["classes_with_fewer"] == {"bees": bees}
+
+
 def test_one_folder_per_class_gets_test_split_off_stratified(tmp_path):
     raw = tmp_path / "raw"
     for name, color in CLASS_COLORS.items():

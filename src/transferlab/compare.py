@@ -26,9 +26,7 @@ import numpy as np
 import yaml
 
 from transferlab.errors import UserError, warn
-from transferlab.metrics import holm, paired_difference, verdict
-
-BOOTSTRAP = 2000
+from transferlab.metrics import bootstrap_interval, holm, paired_difference, verdict
 
 
 @dataclass
@@ -195,19 +193,6 @@ def summarise(key: tuple, members: list[tuple[Run, ModeResult]], rng: np.random.
         "inference_images_per_s": _mean([r.inference_images_per_s for _, r in members]),
         "_right": right,
     }
-
-
-def bootstrap_interval(right: np.ndarray, rng: np.random.Generator, draws: int = BOOTSTRAP) -> tuple[float, float]:
-    """95% interval of mean accuracy, resampling seeds, then test images (right: seeds x images)."""
-    seeds, images = right.shape
-    means = []
-    for start in range(0, draws, 200):  # 200 draws at a time: memory stays small at 10,000 images
-        n = min(200, draws - start)
-        per_image = right[rng.integers(0, seeds, (n, seeds))].mean(1)  # (n, images)
-        picked = np.take_along_axis(per_image, rng.integers(0, images, (n, images)), 1)
-        means.append(picked.mean(1))
-    low, high = np.quantile(np.concatenate(means), [0.025, 0.975])
-    return float(low), float(high)
 
 
 def head_to_head(a: Run, b: Run) -> list[dict]:

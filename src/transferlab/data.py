@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,6 @@ from torch.utils.data import (
     SequentialSampler,
     default_collate,
 )
-from torchvision import transforms as T
 
 from transferlab.distributed import SINGLE, World
 from transferlab.errors import UserError
@@ -92,8 +92,10 @@ def label_indices(samples: list[Sample], classes: list[str]) -> list[int]:
     return [index[s.label] for s in samples]
 
 
-def build_transform(pre: Preprocess, train: bool) -> T.Compose:
+def build_transform(pre: Preprocess, train: bool) -> Callable:
     """The tutorial's augmentation for training, resize + centre crop for evaluation."""
+    from torchvision import transforms as T  # here: the tensor-batch path needs no torchvision
+
     interpolation = T.InterpolationMode(pre.interpolation)
     if train:
         steps = [T.RandomResizedCrop(pre.crop_size, SCALE, RATIO, interpolation=interpolation),

@@ -86,9 +86,14 @@ def embed(model: nn.Module, head: nn.Module, loader: Iterable, hw: Hardware, che
 
 def feature_loaders(built: BuiltModel, train: list[Sample], val: list[Sample], batch_size: int, views: int,
                     hw: Hardware, seed: int, cache_dir: str | Path,
-                    image_loader: Callable[[list[Sample], bool], Iterable], world: World = SINGLE):
+                    image_loader: Callable[[list[Sample], bool], Iterable], world: World = SINGLE,
+                    train_rows: list[int] | None = None, order_seed: int | None = None):
     """(HeadOnly model, train loader, val loader) over cached embeddings, or None when this model's
     head output is not its output (the caller then trains with the backbone in the loop).
+
+    `train_rows` (indices into `train`, repeats allowed) trains on those images only, from the
+    cache of all of `train`: a learning curve's points share one embedding pass. `order_seed`
+    (default `seed`) draws the epochs' order and views; `seed` drew the cached crops.
 
     `image_loader(samples, augment)` gives batches of the images in the samples' order, never
     shuffled: augmented (one pass = one view) or not; with several processes, this one's share of
@@ -118,9 +123,10 @@ def feature_loaders(built: BuiltModel, train: list[Sample], val: list[Sample], b
     train_x, train_y, val_x, val_y = cached if cached is not None else _open(folder)
     train_set = TensorDataset(train_x.flatten(0, 1), train_y)
     # The loader's own generator, which fit() saves and restores with each epoch: resume is exact.
-    generator = torch.Generator().manual_seed(seed)
-    train_batches = ShareOfBatches(BatchSampler(OneViewPerImage(len(train), views, generator), batch_size, False),
-                                   world)
+    generator = torch.Generator().manual_seed(seed if order_seed is None else order_seed)
+    rows = torch.arange(len(train)) if train_rows is None else torch.tensor(train_rows, dtype=torch.long)
+    train_batches = ShareOfBatches(BatchSampler(OneViewPerImage(rows, len(train), views, generator), batch_size,
+                                                False), world)
     train_loader = DataLoader(train_set, batch_sampler=train_batches, collate_fn=collate_share, generator=generator)
     val_batches = ShareOfBatches(BatchSampler(SequentialSampler(val_x), batch_size, False), world)
     val_loader = DataLoader(TensorDataset(val_x, val_y), batch_sampler=val_batches, collate_fn=collate_share)
@@ -128,19 +134,19 @@ def feature_loaders(built: BuiltModel, train: list[Sample], val: list[Sample], b
 
 
 class OneViewPerImage(Sampler):
-    """Rows of the (views, images) embedding cache, flattened: each epoch every image once, in a
-    random order, each as one of its views, drawn at random."""
+    """Rows of the (views, images) embedding cache, flattened: each epoch every image of `rows`
+    once (an image listed twice, twice), in a random order, each as one of its views, drawn at random."""
 
-    def __init__(self, images: int, views: int, generator: torch.Generator):
-        self.images, self.views, self.generator = images, views, generator
+    def __init__(self, rows: torch.Tensor, images: int, views: int, generator: torch.Generator):
+        self.rows, self.images, self.views, self.generator = rows, images, views, generator
 
     def __iter__(self):
-        order = torch.randperm(self.images, generator=self.generator)
-        view = torch.randint(self.views, (self.images,), generator=self.generator)
+        order = self.rows[torch.randperm(len(self.rows), generator=self.generator)]
+        view = torch.randint(self.views, (len(self.rows),), generator=self.generator)
         return iter((view * self.images + order).tolist())
 
     def __len__(self) -> int:
-        return self.images
+        return len(self.rows)
 
 
 def _build(folder: Path, built: BuiltModel, head_only: HeadOnly, train, val, views, hw, batch_size, image_loader,

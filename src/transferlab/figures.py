@@ -181,3 +181,28 @@ def plot_predictions(predictions: list, path: str | Path, title: str, columns: i
                      f"{short_label(Path(prediction.path).name, 24)}", fontsize=9)
     fig.suptitle(f"{title}: {len(shown)} of {len(predictions)} images" if len(predictions) > len(shown) else title)
     _save(fig, Path(path))
+
+
+def plot_learning_curve(rows: list[dict], path: Path) -> None:
+    """Test accuracy against training images per class (log x), one line per mode, with the 95%
+    interval over seeds and test images as a band."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    sizes = sorted({row["x"] for row in rows})
+    for mode in ("finetune", "extract", "scratch"):
+        own = sorted((row for row in rows if row["mode"] == mode), key=lambda row: row["x"])
+        if not own:
+            continue
+        x = [row["x"] for row in own]
+        line, = ax.plot(x, [row["accuracy"] for row in own], marker="o", label=mode)
+        ax.fill_between(x, [row["ci95_low"] for row in own], [row["ci95_high"] for row in own],
+                        color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xscale("log")
+    ax.set_xticks(sizes, [f"{x:g}" for x in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("training images per class (log scale)")
+    ax.set_ylabel("test accuracy")
+    seeds = max(len(row["seeds"]) for row in rows)
+    ax.set_title(f"learning curve: mean of {seeds} seeds, 95% band over seeds and test images", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)

@@ -12,11 +12,13 @@ import urllib.error
 from dataclasses import asdict, dataclass
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models import get_model, get_model_weights, list_models
 
 from transferlab.errors import UserError
+
+# torchvision is imported where a torchvision model is named or built, not here: importing it costs
+# seconds (its ops import torch._dynamo), which every stage process running an EfficientNet-Lite
+# (whose port needs only torch) would otherwise pay.
 
 # The tutorial's short names and the variants it uses for them.
 ALIASES = {
@@ -66,12 +68,17 @@ class WeightsUnavailable(UserError):
 
 def classification_models() -> list[str]:
     """Every model name the factory accepts."""
+    import torchvision
+    from torchvision.models import list_models
+
     return sorted(set(list_models(module=torchvision.models)) | set(LITES))
 
 
 def resolve_model_name(name: str) -> str:
     """Short tutorial name or full name -> full name; ValueError listing the closest valid names."""
     arch = ALIASES.get(name, name)
+    if arch in LITES:
+        return arch
     valid = classification_models()
     if arch in valid:
         return arch
@@ -120,6 +127,8 @@ def rebuild_model(arch: str, arch_kwargs: dict, num_classes: int, head: HeadSpec
     if arch in LITES:
         model = _lite(arch, pretrained=False)[0]
     else:
+        from torchvision.models import get_model
+
         model = get_model(arch, weights=None, **arch_kwargs)
     replace_heads(model, num_classes, head)
     return model
@@ -220,12 +229,16 @@ def preprocess_for(name: str) -> Preprocess:
         # The port was trained with torchvision's ImageNet normalisation (its README's recipe).
         size = LITES[arch]
         return Preprocess(crop_size=size, resize_size=size + 32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    from torchvision.models import get_model_weights
+
     t = get_model_weights(arch).DEFAULT.transforms()
     return Preprocess(crop_size=t.crop_size[0], resize_size=t.resize_size[0], mean=tuple(t.mean),
                       std=tuple(t.std), interpolation=t.interpolation.value)
 
 
 def _torchvision(arch: str, pretrained: bool) -> tuple[nn.Module, Preprocess, str]:
+    from torchvision.models import get_model, get_model_weights
+
     weights = get_model_weights(arch).DEFAULT
     if pretrained:
         _ensure_weights_file(arch, weights.url)

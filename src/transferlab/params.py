@@ -43,8 +43,12 @@ class SplitParams:
     test_fraction: float
     test_seed: int
     near_duplicate_distance: Union[int, Literal["off"]]
+    train_per_class: Union[int, Literal["all"]] = "all"
 
     def check(self, key: str) -> None:
+        if self.train_per_class != "all":
+            _require(self.train_per_class >= 1, f"{key}.train_per_class",
+                     f"is {self.train_per_class}; use 1 or more training images per class, or all")
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             _require(0 < value < 1, f"{key}.{name}", f"is {value}; it must lie strictly between 0 and 1")
@@ -155,6 +159,44 @@ class Params:
                  "must be 0: training the head on a frozen random backbone first buys nothing")
 
 
+@dataclass(frozen=True)
+class CurveParams:
+    """curves/params.yaml: the learning curve's points, and how each is trained."""
+    images_per_class: tuple[Union[int, Literal["all"]], ...]
+    seeds: tuple[int, ...]
+    modes: tuple[Literal["finetune", "extract", "scratch"], ...]
+    budget: Literal["steps", "epochs"]
+
+    def check(self, key: str) -> None:
+        for name in ("images_per_class", "seeds", "modes"):
+            values = getattr(self, name)
+            _require(bool(values), f"{key}.{name}", "is empty; list at least one")
+            _require(len(set(values)) == len(values), f"{key}.{name}", f"{list(values)} lists a value twice")
+        _require(all(n == "all" or n >= 1 for n in self.images_per_class), f"{key}.images_per_class",
+                 f"is {list(self.images_per_class)}; each is 1 or more, or all")
+
+
+def load_curve_params(path: str | Path = "curves/params.yaml") -> CurveParams:
+    """Read and validate the learning curve's params (its `curve` section)."""
+    raw = _read_yaml(Path(path))
+    try:
+        return _build(CurveParams, raw.get("curve"), "curve")
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found; run from the project root, where {path} lives")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: must be a mapping of keys to values, got {type(raw).__name__}")
+    return raw
+
+
 def load_params(path: str | Path = "params.yaml", check_model: bool = True) -> Params:
     """Read and validate params.yaml; raise ParamsError naming the first bad key.
 
@@ -162,14 +204,7 @@ def load_params(path: str | Path = "params.yaml", check_model: bool = True) -> P
     the stages that build no model (fetch, split, plot).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"{path}: not found; run from the project root, where params.yaml lives")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: must be a mapping of keys to values, got {type(raw).__name__}")
+    raw = _read_yaml(path)
     try:
         return parse_params(raw, check_model)
     except ParamsError as err:

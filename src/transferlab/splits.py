@@ -1,7 +1,8 @@
 """A fetched folder -> stratified, seeded train/val/test lists, with every skipped file explained."""
 from __future__ import annotations
 
-from collections import Counter
+import random
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -91,8 +92,8 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int, name: st
 
 
 def make_splits(raw: Path, val_fraction: float, test_fraction: float, seed: int, test_seed: int = 0,
-                near_distance: int | None = None,
-                cache_dir: Path | None = None) -> tuple[dict[str, list[Sample]], dict]:
+                near_distance: int | None = None, cache_dir: Path | None = None,
+                train_per_class: int | None = None) -> tuple[dict[str, list[Sample]], dict]:
     """Split the fetched folder `raw` into train/val/test and describe what was done.
 
     `raw/train` and `raw/val` (the tutorial's layout): test = val/, val = a stratified part of
@@ -100,6 +101,7 @@ def make_splits(raw: Path, val_fraction: float, test_fraction: float, seed: int,
     `test_seed`, so that runs with different `seed`s are scored on the same test images. With
     `near_distance` (perceptual-hash bits), near-copies of a test image leave train and val, and a
     val image with a near-copy in train moves to train (the best epoch is not picked on copies).
+    With `train_per_class`, train keeps at most that many images of each class (per_class_subset).
     """
     if (raw / "train").is_dir():
         layout = "train/ and val/ folders" if (raw / "val").is_dir() else "train/ folder only"
@@ -130,6 +132,7 @@ def make_splits(raw: Path, val_fraction: float, test_fraction: float, seed: int,
     if near_distance is not None:
         train, val, moved = move_near_copies(train, val, near_distance, cache_dir)
         near["pairs"] += [{**row, "action": "moved from val to train"} for row in moved]
+    train, subset = per_class_subset(train, train_per_class, seed)
     splits = {"train": train, "val": val, "test": _sorted(test)}
     report = {
         "layout": layout,
@@ -138,6 +141,7 @@ def make_splits(raw: Path, val_fraction: float, test_fraction: float, seed: int,
         "skipped": sorted(skipped, key=lambda row: row["path"]),
         "empty_classes": _empty_classes(raw, classes),
         "near_duplicates": near,
+        "train_per_class": subset,
     }
     return splits, report
 
@@ -157,6 +161,27 @@ def move_near_copies(train: list[Sample], val: list[Sample], distance: int,
     moving = {row["path"] for row in found}
     return (_sorted(train + [s for s in val if s.path in moving]), [s for s in val if s.path not in moving],
             found)
+
+
+def per_class_subset(samples: list[Sample], per_class: int | None, seed: int) -> tuple[list[Sample], dict]:
+    """At most `per_class` images of each class (None: all), drawn with `seed`, and what was drawn.
+
+    Each class's images are shuffled once by a generator seeded with (seed, class) and the first
+    `per_class` taken, so subsets are nested: those of 5 are among those of 10, for any seed. A
+    class with fewer images gives all it has, and the returned summary names it.
+    """
+    by_class = defaultdict(list)
+    for sample in _sorted(samples):
+        by_class[sample.label].append(sample)
+    subset, short = [], {}
+    for label, rows in sorted(by_class.items()):
+        random.Random(f"{seed}:{label}").shuffle(rows)
+        if per_class is not None and len(rows) < per_class:
+            short[label] = len(rows)
+        subset += rows[:per_class]
+    counts = Counter(s.label for s in subset)
+    return _sorted(subset), {"requested": "all" if per_class is None else per_class, "seed": seed,
+                             "counts": dict(sorted(counts.items())), "classes_with_fewer": short}
 
 
 def _check_same_classes(train: list[Sample], test: list[Sample], raw: Path) -> None:

@@ -6,7 +6,7 @@ import hashlib
 import json
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -19,8 +19,14 @@ from transferlab.errors import warn
 from transferlab.features import feature_loaders
 from transferlab.hardware import Hardware, Workload, decide
 from transferlab.images import Sample
-from transferlab.models import BuiltModel, freeze_all_but, trainable_parameters
+from transferlab.models import BuiltModel, HeadSpec, freeze_all_but, trainable_parameters
 from transferlab.params import TrainParams
+
+
+def head_spec(train: TrainParams) -> HeadSpec:
+    """The new head train.head asks for: linear, or an MLP of train.head_hidden with dropout."""
+    mlp = train.head == "mlp"
+    return HeadSpec(train.head_hidden if mlp else (), train.head_dropout if mlp else 0.0)
 
 
 def resume_file(resume_dir: Path, mode: str, identity: list) -> Path:
@@ -34,9 +40,19 @@ def resume_file(resume_dir: Path, mode: str, identity: list) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class Subset:
+    """A learning-curve point's training images: `rows` index samples["train"], and an image listed
+    k times is taken k times an epoch. A frozen backbone's embeddings are those of all of train,
+    cropped with `embed_seed`, so that every point of a curve shares one embedding pass."""
+    rows: list[int]
+    embed_seed: int
+
+
 def prepare(built: BuiltModel, classes: list[str], samples: dict[str, list[Sample]], train: TrainParams,
-            hw: Hardware, seed: int, source: ImageSource, cache_dir: Path, world: World = SINGLE):
-    """(hardware, model to fit, train loader, val loader) for one mode.
+            hw: Hardware, seed: int, source: ImageSource, cache_dir: Path, world: World = SINGLE,
+            subset: Subset | None = None):
+    """(hardware, model to fit, train loader, val loader) for one mode, on `subset` of train if given.
 
     The `auto` hardware settings are measured on this model and these batch shapes (by rank 0,
     for all processes). A frozen backbone runs once, over cached embeddings, when
@@ -44,11 +60,14 @@ def prepare(built: BuiltModel, classes: list[str], samples: dict[str, list[Sampl
     """
     pre, views = built.preprocess, train.feature_views
     head_only = train.cache_features and not backbone_trains(built)
+    trained_on = samples["train"] if subset is None else [samples["train"][i] for i in subset.rows]
     # What each process computes: its share of the images, in shares of the batches.
-    n_train, n_val = -(-len(samples["train"]) // world.size), -(-len(samples["val"]) // world.size)
+    n_train, n_val = -(-len(trained_on) // world.size), -(-len(samples["val"]) // world.size)
+    n_embedded = -(-len(samples["train"]) // world.size)
     share = -(-train.batch_size // world.size)
     work = Workload(built.model, pre.crop_size, train_images=0 if head_only else n_train,
-                    infer_images=n_val + (views * n_train if head_only else 0), train_batch=share, infer_batch=share)
+                    infer_images=n_val + (views * n_embedded if head_only else 0), train_batch=share,
+                    infer_batch=share)
 
     def input_seconds(tensor: bool) -> float:
         return time_inputs(source, samples["train"], classes, pre, train.batch_size, hw, tensor)
@@ -56,21 +75,23 @@ def prepare(built: BuiltModel, classes: list[str], samples: dict[str, list[Sampl
     decided = world.broadcast(decide(hw, work, cache_dir, key, input_seconds) if world.main else None)
     hw = replace(decided, device=hw.device)  # each process keeps its own GPU
 
-    def image_batches(split_samples: list[Sample], training: bool, shuffle: bool | None = None):
-        return source.batches(split_samples, classes, pre, train.batch_size, training, seed, hw, world=world,
+    def image_batches(split_samples: list[Sample], training: bool, shuffle: bool | None = None, draws: int = seed):
+        return source.batches(split_samples, classes, pre, train.batch_size, training, draws, hw, world=world,
                               shuffle=shuffle)
     if head_only:  # the embedding passes keep the images' order: row i of every view is image i
-        prepared = feature_loaders(built, samples["train"], samples["val"], train.batch_size, views, hw, seed,
-                                   cache_dir, partial(image_batches, shuffle=False), world)
+        embed_seed = seed if subset is None else subset.embed_seed
+        prepared = feature_loaders(built, samples["train"], samples["val"], train.batch_size, views, hw, embed_seed,
+                                   cache_dir, partial(image_batches, shuffle=False, draws=embed_seed), world,
+                                   train_rows=None if subset is None else subset.rows, order_seed=seed)
         if prepared is not None:
             return (hw, *prepared)
         warn("feature cache: this model's output is not its head's output; running the backbone every epoch")
-    return hw, built.model, image_batches(samples["train"], True), image_batches(samples["val"], False)
+    return hw, built.model, image_batches(trained_on, True), image_batches(samples["val"], False)
 
 
 def train_head_first(built: BuiltModel, classes: list[str], samples: dict[str, list[Sample]], train: TrainParams,
                      hw: Hardware, seed: int, source: ImageSource, cache_dir: Path,
-                     world: World = SINGLE) -> list[dict]:
+                     world: World = SINGLE, subset: Subset | None = None) -> list[dict]:
     """The first part of fastai's fine_tune: the new head alone, on the frozen backbone (over cached
     embeddings), for train.head_epochs epochs at train.lr. Returns their history; the head's
     weights stay in `built.model`, and what was trainable before is trainable again."""
@@ -81,7 +102,7 @@ def train_head_first(built: BuiltModel, classes: list[str], samples: dict[str, l
     try:
         head_train = replace(train, epochs=train.head_epochs, scheduler="none", warmup_epochs=0, cache_features=True)
         head_hw, model, train_loader, val_loader = prepare(built, classes, samples, head_train, hw, seed, source,
-                                                           cache_dir, world)
+                                                           cache_dir, world, subset)
         optimizer = make_optimizer(trainable_parameters(model), train.optimizer, train.lr, train.momentum,
                                    train.weight_decay)
         result = fit(model, train_loader, val_loader, optimizer, None, train.head_epochs, head_hw,

@@ -66,12 +66,19 @@ def predict_test(checkpoint: dict, samples: list[Sample], source: ImageSource, b
     model = rebuild_model(checkpoint["arch"], checkpoint["arch_kwargs"], len(checkpoint["classes"]),
                           head_of(checkpoint))
     model.load_state_dict(checkpoint["state_dict"])
-    pre = Preprocess(**checkpoint["preprocess"])
+    return predict_split(model, checkpoint["arch"], Preprocess(**checkpoint["preprocess"]), checkpoint["classes"],
+                         samples, source, batch_size, hw, desc=f"test {checkpoint['mode']}")
+
+
+def predict_split(model, arch: str, pre: Preprocess, classes: list[str], samples: list[Sample],
+                  source: ImageSource, batch_size: int, hw: Hardware, desc: str) -> tuple[Predictions, Hardware]:
+    """`model`'s class probabilities for `samples`, unaugmented, as evaluate scores the test split
+    (a learning curve's points too: one question, one answer)."""
     work = Workload(model, pre.crop_size, 0, len(samples), batch_size, batch_size)
-    hw = decide(hw, work, cache_dir(), [checkpoint["arch"], "inference"])
+    hw = decide(hw, work, cache_dir(), [arch, "inference"])
     hw.prepare(model)
-    batches = source.batches(samples, checkpoint["classes"], pre, batch_size, False, 0, hw)
-    return predict(model, batches, hw, desc=f"test {checkpoint['mode']}"), hw
+    batches = source.batches(samples, classes, pre, batch_size, False, 0, hw)
+    return predict(model, batches, hw, desc=desc), hw
 
 
 def prediction_rows(samples: list[Sample], predictions: Predictions, classes: list[str]) -> list[list]:

@@ -24,10 +24,10 @@ from transferlab.errors import UserError
 from transferlab.files import read_json, replaced_together, save_checkpoint, write_json
 from transferlab.hardware import pick_hardware
 from transferlab.images import samples_digest
-from transferlab.models import MODES, HeadSpec, build_for_mode, describe, parameter_groups
+from transferlab.models import MODES, build_for_mode, describe, parameter_groups
 from transferlab.params import load_params, to_dict
 from transferlab.stages import RESUME_DIR, cache_dir, require_inputs, run_stage
-from transferlab.training import backbone_trains, headline, prepare, resume_file, summary, train_head_first
+from transferlab.training import backbone_trains, head_spec, headline, prepare, resume_file, summary, train_head_first
 
 SPLIT_DIR = Path("data/split")
 
@@ -76,9 +76,7 @@ def run(mode: str, world: World) -> None:
     if hw.device.type == "cuda":
         hw = replace(hw, device=torch.device("cuda", world.local_rank))
     classes = read_json(SPLIT_DIR / "report.json")["classes"]
-    mlp = train.head == "mlp"
-    head = HeadSpec(train.head_hidden if mlp else (), train.head_dropout if mlp else 0.0)
-    built = build_for_mode(params.model, len(classes), mode, head, train.freeze)
+    built = build_for_mode(params.model, len(classes), mode, head_spec(train), train.freeze)
     samples = read_splits(SPLIT_DIR)
     source = ImageSource(open_split_store(SPLIT_DIR, built.preprocess.resize_size, cache_dir()))
     head_history = []

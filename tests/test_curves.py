@@ -1,0 +1,176 @@
+"""Learning curves: nested subsets, the training budget, the dividend and the crossover on
+synthetic curves whose answers are known; then a curve through `dvc repro curves/dvc.yaml`."""
+import json
+import math
+import signal
+
+import numpy as np
+import pytest
+import yaml
+from conftest import copy_finished, interrupt, run
+
+from transferlab import curves
+from transferlab.images import Sample
+from transferlab.splits import per_class_subset
+
+
+def pool(counts: dict[str, int]) -> list[Sample]:
+    return [Sample(f"data/raw/{label}/{i:03d}.jpg", label) for label, n in counts.items() for i in range(n)]
+
+
+def test_subsets_are_nested_reproducible_and_seeded():
+    train = pool({"ants": 30, "bees": 30})
+    for seed in (0, 1):
+        drawn = [set(per_class_subset(train, n, seed)[0]) for n in (2, 5, 10, None)]
+        assert all(small < large for small, large in zip(drawn, drawn[1:]))  # strictly nested
+        assert drawn[-1] == set(train)
+        assert per_class_subset(train, 5, seed) == per_class_subset(list(reversed(train)), 5, seed)
+    assert set(per_class_subset(train, 5, 0)[0]) != set(per_class_subset(train, 5, 1)[0])
+    subset, summary = per_class_subset(train, 5, 0)
+    assert summary["counts"] == {"ants": 5, "bees": 5} and summary["classes_with_fewer"] == {}
+
+
+def test_a_class_with_fewer_images_gives_all_it_has_and_says_so():
+    subset, summary = per_class_subset(pool({"ants": 3, "bees": 30}), 10, 0)
+    assert summary["counts"] == {"ants": 3, "bees": 10}
+    assert summary["classes_with_fewer"] == {"ants": 3}
+
+
+@pytest.mark.parametrize("per_class", [1, 2, 7, 20, None])
+def test_the_steps_budget_gives_every_size_the_epoch_of_the_whole_set(per_class):
+    train = pool({"ants": 23, "bees": 20})
+    rows, drawn = curves.training_rows(train, per_class, 0, "steps")
+    subset = {train.index(s) for s in per_class_subset(train, per_class, 0)[0]}
+    assert len(rows) == len(train)  # as many images an epoch as all of train: the same optimizer steps
+    assert set(rows) == subset
+    taken = np.bincount(rows)[sorted(subset)]
+    assert taken.max() - taken.min() <= 1  # each subset image equally often, give or take the remainder
+    fixed, _ = curves.training_rows(train, per_class, 0, "epochs")
+    assert sorted(fixed) == sorted(subset)  # fixed epochs: the subset once an epoch
+
+
+SCRATCH = [(2, 0.5), (20, 0.7), (200, 0.9)]
+
+
+@pytest.mark.parametrize("accuracy, expected", [
+    (0.7, ("=", 20)),                       # on a measured point
+    (0.8, ("=", math.sqrt(20 * 200))),      # halfway in accuracy: halfway on log n
+    (0.95, (">", 200)),                     # never: more than the largest size
+    (0.4, ("<=", 2)),                       # already at the smallest size
+])
+def test_images_to_reach_interpolates_on_log_n(accuracy, expected):
+    relation, images = curves.images_to_reach(SCRATCH, accuracy)
+    assert relation == expected[0] and images == pytest.approx(expected[1])
+
+
+def row(mode: str, x: float, accuracy: float) -> dict:
+    return {"mode": mode, "x": x, "images_per_class": x, "accuracy": accuracy}
+
+
+def test_the_dividend_says_how_many_times_the_data_imagenet_weights_are_worth():
+    rows = [row("scratch", x, a) for x, a in SCRATCH] + [row("finetune", 2, 0.7), row("finetune", 20, 0.95),
+                                                         row("extract", 2, 0.45)]
+    found = {(d["mode"], d["x"]): d for d in curves.dividend(rows)}
+    assert found["finetune", 2]["factor"] == pytest.approx(10)
+    assert "worth about 10.0x the data" in found["finetune", 2]["says"]
+    assert found["finetune", 20]["scratch_needs"] == ">"
+    assert "at least 10.0x the data" in found["finetune", 20]["says"]  # more than the 200 there are
+    assert found["extract", 2]["scratch_needs"] == "<=" and "no dividend" in found["extract", 2]["says"]
+
+
+def points_for(gaps: dict[int, int], seeds: int = 3, images: int = 300) -> list[dict]:
+    """Synthetic points: extract right on 70% of the test images at every size; finetune on
+    `gaps[n]` more, each seed with a little spread of its own."""
+    rng = np.random.default_rng(0)
+    points = []
+    for n, gap in gaps.items():
+        for seed in range(seeds):
+            base = rng.random(images) < 0.7
+            for mode, extra in (("extract", 0), ("finetune", gap)):
+                right = base.copy()
+                right[np.flatnonzero(~right)[:extra]] = True
+                flips = rng.choice(images, 3, replace=False)  # seed-to-seed noise
+                right[flips] = ~right[flips]
+                points.append({"mode": mode, "images_per_class": n, "seed": seed, "drawn": {
+                    "counts": {"a": n, "b": n}, "classes_with_fewer": {}},
+                    "right": "".join("1" if r else "0" for r in right)})
+    return points
+
+
+def test_the_crossover_is_the_smallest_size_where_finetune_beats_extract():
+    points = points_for({2: 0, 10: 1, 50: 40, 100: 45})
+    cross = curves.crossover(points, curves.table(points))
+    assert cross["from_images_per_class"] == 50
+    assert "from 50 images per class" in cross["says"]
+    assert [t["verdict"] for t in cross["tests"]][2:] == ["better", "better"]
+
+
+def test_the_crossover_says_never_up_to_the_largest_size():
+    points = points_for({2: 0, 10: 1, 30: 0})
+    cross = curves.crossover(points, curves.table(points))
+    assert cross["from_images_per_class"] is None
+    assert "never beats it, up to 30 images per class" in cross["says"]
+
+
+def test_the_table_gives_each_mode_and_size_its_mean_and_interval():
+    points = points_for({5: 30})
+    rows = {r["mode"]: r for r in curves.table(points)}
+    for mode, r in rows.items():
+        assert r["seeds"] == [0, 1, 2] and r["x"] == 5
+        assert r["ci95_low"] < r["accuracy"] < r["ci95_high"]
+        assert r["accuracy"] == pytest.approx(np.mean(r["accuracy_per_seed"]))
+    assert rows["finetune"]["accuracy"] - rows["extract"]["accuracy"] == pytest.approx(0.1, abs=0.01)
+    text = curves.markdown(list(rows.values()), [], {"says": "x"})
+    assert text.splitlines()[0] == "| images per class | finetune | extract |"
+
+
+def set_curve(project, **values) -> None:
+    path = project / "curves/params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params["curve"].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def ran_points(stdout: str) -> list[str]:
+    return [line.split("point@")[1].rstrip("':") for line in stdout.splitlines()
+            if line.startswith("Running stage 'curves/dvc.yaml:point@")]
+
+
+@pytest.mark.integration
+def test_a_curve_through_dvc_runs_new_points_only_continues_after_ctrl_c_and_shares_its_caches(finished_project,
+                                                                                                 tmp_path):
+    project, env = copy_finished(finished_project, tmp_path / "project")  # squeezenet, 2 epochs, batch 4
+    env["TRANSFERLAB_CACHE_DIR"] = str(tmp_path / "cache")  # its own: the caches this curve made, counted
+    set_curve(project, images_per_class=[2, "all"], modes=["extract", "scratch"], seeds=[0])
+
+    first = run(["dvc", "repro", "curves/dvc.yaml"], project, env)
+    assert ran_points(first.stdout) == ["2-extract-0", "2-scratch-0", "all-extract-0", "all-scratch-0"]
+    assert "Running stage 'train-" not in first.stdout  # the main pipeline's training is not part of it
+    report = json.loads((project / "curves/curve.json").read_text())
+    assert {(r["mode"], r["images_per_class"]) for r in report["rows"]} == {
+        (m, s) for m in ("extract", "scratch") for s in (2, "all")}
+    assert [r["x"] for r in report["rows"] if r["mode"] == "scratch"] == [2, 6]  # 8 a class, minus val's share
+    point = json.loads((project / "curves/points/scratch-2-s0.json").read_text())
+    assert point["drawn"]["counts"] == {"ants": 2, "bees": 2} and point["steps_per_epoch"] == 3  # 12 images / 4
+    cache = tmp_path / "cache"
+    assert len(list(cache.glob("decoded-*[!k]"))) == 1  # one decode (the .lock files aside)
+    assert len(list(cache.glob("features-*[!k]"))) == 1  # both extract points: one embedding pass
+    assert (project / "curves/plots/learning_curve.png").stat().st_size > 0
+    run(["dvc", "plots", "show", "learning_curve"], project, env)  # the README's command, offline
+    page = (project / "dvc_plots/index.html").read_text()
+    assert "vegaEmbed('#learning_curve'" in page and "<script src=" not in page
+    assert '"scale": {"type": "log"}' in page and '"mode": "scratch"' in page  # log x, a line per mode
+
+    # A seed added, and the curve stopped by Ctrl-C once its first new point is done: the run
+    # starts with the new points only, and the next run continues with the rest of them.
+    set_curve(project, seeds=[0, 1])
+    code, _ = interrupt(["dvc", "repro", "curves/dvc.yaml"], project, env,
+                        "Running stage 'curves/dvc.yaml:point@2-scratch-1'", signal.SIGINT, group=True)
+    assert code != 0
+    assert (project / "curves/points/extract-2-s1.json").exists()
+    assert not (project / "curves/points/scratch-2-s1.json").exists()
+    second = run(["dvc", "repro", "curves/dvc.yaml"], project, env)
+    assert ran_points(second.stdout) == ["2-scratch-1", "all-extract-1", "all-scratch-1"]
+    assert len(list(cache.glob("features-*[!k]"))) == 1
+    report = json.loads((project / "curves/curve.json").read_text())
+    assert report["seeds"] == [0, 1] and all(r["seeds"] == [0, 1] for r in report["rows"])
