@@ -75,6 +75,9 @@ def test_the_dividend_says_how_many_times_the_data_imagenet_weights_are_worth():
     assert "worth about 10.0x the data" in found["finetune", 2]["says"]
     assert found["finetune", 20]["scratch_needs"] == ">"
     assert "at least 10.0x the data" in found["finetune", 20]["says"]  # more than the 200 there are
+    rows.append(row("finetune", 200, 0.95))  # at the largest size "at least 1x" says nothing: said plainly
+    last = next(d for d in curves.dividend(rows) if d["x"] == 200)
+    assert last["says"].endswith("scratch does not reach it with all the 200 per class there are")
     assert found["extract", 2]["scratch_needs"] == "<=" and "no dividend" in found["extract", 2]["says"]
 
 

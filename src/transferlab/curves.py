@@ -98,6 +98,8 @@ def dividend(rows: list[dict]) -> list[dict]:
 
 def dividend_sentence(mode: str, x: float, accuracy: float, relation: str, needed: float) -> str:
     at = f"at {x:g} images per class, {mode} ({accuracy:.1%})"
+    if relation == ">" and needed <= x:
+        return f"{at}: scratch does not reach it with all the {needed:g} per class there are"
     if relation == ">":
         return (f"{at}: scratch needs more than the {needed:g} per class there are, so ImageNet weights are "
                 f"worth at least {needed / x:.1f}x the data")
