@@ -89,7 +89,7 @@ def test_repro_then_experiment_then_metrics_diff(finished_project, tmp_path):
         assert len(mistakes) == min(16, details[mode]["images"] - details[mode]["correct"])
         assert all(m["true"] != m["predicted"] for m in mistakes)
         assert [m["confidence"] for m in mistakes] == sorted((m["confidence"] for m in mistakes), reverse=True)
-    assert "Data and pipelines are up to date" in run(["dvc", "status"], project, env).stdout
+    assert "Data and pipelines are up to date" in run(["dvc", "status", "dvc.yaml"], project, env).stdout
 
     project, env = copy_finished(finished_project, tmp_path / "project")
     # The cache links (.dvc/config: reflink, else hardlink). DVC leaves a stage's new persistent
@@ -103,7 +103,7 @@ def test_repro_then_experiment_then_metrics_diff(finished_project, tmp_path):
     (project / "models/finetune.pt").unlink()
     run(["dvc", "checkout"], project, env)
     assert image.exists() and (project / "models/finetune.pt").exists()
-    assert "Data and pipelines are up to date" in run(["dvc", "status"], project, env).stdout
+    assert "Data and pipelines are up to date" in run(["dvc", "status", "dvc.yaml"], project, env).stdout
 
     # The user's default: precision and layout measured (`auto`), then the README's experiment.
     set_params(project, train={"precision": "auto", "channels_last": "auto"})
