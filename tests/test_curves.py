@@ -104,7 +104,7 @@ def test_the_crossover_is_the_smallest_size_where_finetune_beats_extract():
     points = points_for({2: 0, 10: 1, 50: 40, 100: 45})
     cross = curves.crossover(points, curves.table(points))
     assert cross["from_images_per_class"] == 50
-    assert "from 50 images per class" in cross["says"]
+    assert "first beats extract at 50 images per class" in cross["says"]
     assert [t["verdict"] for t in cross["tests"]][2:] == ["better", "better"]
 
 

@@ -55,10 +55,11 @@ def table(points: list[dict]) -> list[dict]:
         groups[point["mode"], point["images_per_class"]].append(point)
     rows = []
     for (mode, size), members in groups.items():
-        right = np.array([[c == "1" for c in p["right"]] for p in members], dtype=float)
+        members.sort(key=lambda point: point["seed"])
+        right = right_matrix(members)
         low, high = bootstrap_interval(right, np.random.default_rng(0))
         rows.append({"mode": mode, "images_per_class": size, "x": images_per_class(members[0]["drawn"]),
-                     "seeds": sorted(p["seed"] for p in members), "accuracy": float(right.mean()),
+                     "seeds": [p["seed"] for p in members], "accuracy": float(right.mean()),
                      "ci95_low": low, "ci95_high": high,
                      "accuracy_per_seed": [float(r.mean()) for r in right],
                      "classes_with_fewer": members[0]["drawn"]["classes_with_fewer"]})
@@ -112,28 +113,29 @@ def dividend_sentence(mode: str, x: float, accuracy: float, relation: str, neede
 
 
 def crossover(points: list[dict], rows: list[dict]) -> dict:
-    """The smallest size from which finetune beats extract: at each size both have, issue 22's
+    """The smallest size at which finetune beats extract: at each size both have, issue 22's
     paired test over seeds and test images, Holm-adjusted over the sizes (one question asked at
     each size); "never" if no size shows it."""
     sizes = sorted({(row["x"], row["images_per_class"]) for row in rows if row["mode"] == "finetune"}
                    & {(row["x"], row["images_per_class"]) for row in rows if row["mode"] == "extract"})
     tests = []
     for x, size in sizes:
-        a, b = (_right(points, mode, size) for mode in ("finetune", "extract"))
+        a, b = (right_matrix([p for p in points if p["mode"] == mode and p["images_per_class"] == size])
+                for mode in ("finetune", "extract"))
         tests.append({"x": x, "images_per_class": size, **paired_difference(a, b), "seeds": min(len(a), len(b))})
     for test, adjusted in zip(tests, holm([t["p_value"] for t in tests])):
         test["p_adjusted"] = adjusted
         test["verdict"] = verdict(test["gap"], adjusted, test["seeds"], test["seeds_needed"])
     better = [t for t in tests if t["verdict"] == "better"]
     largest = max((x for x, _ in sizes), default=0)
-    says = (f"finetune beats extract from {better[0]['x']:g} images per class" if better
+    says = (f"finetune first beats extract at {better[0]['x']:g} images per class" if better
             else f"a frozen backbone (extract) is enough: finetune never beats it, up to {largest:g} images per class")
     return {"from_images_per_class": better[0]["x"] if better else None, "says": says, "tests": tests}
 
 
-def _right(points: list[dict], mode: str, size) -> np.ndarray:
-    return np.array([[c == "1" for c in p["right"]] for p in points
-                     if p["mode"] == mode and p["images_per_class"] == size], dtype=float)
+def right_matrix(points: list[dict]) -> np.ndarray:
+    """(points, test images): 1 where the point's model got the image right (its "right" string)."""
+    return np.array([[c == "1" for c in p["right"]] for p in points], dtype=float)
 
 
 def markdown(rows: list[dict], dividends: list[dict], cross: dict) -> str:
