@@ -115,6 +115,14 @@ def test_the_crossover_says_never_up_to_the_largest_size():
     assert "never beats it, up to 30 images per class" in cross["says"]
 
 
+def test_a_curve_of_one_mode_says_what_it_cannot_answer():
+    points = [p for p in points_for({2: 0, 10: 1}) if p["mode"] == "extract"]
+    rows = curves.table(points)
+    cross = curves.crossover(points, rows)
+    assert cross["from_images_per_class"] is None and "needs finetune and extract" in cross["says"]
+    assert "no dividend: it needs scratch" in curves.markdown(rows, curves.dividend(rows), cross)
+
+
 def test_the_table_gives_each_mode_and_size_its_mean_and_interval():
     points = points_for({5: 30})
     rows = {r["mode"]: r for r in curves.table(points)}
@@ -125,6 +133,9 @@ def test_the_table_gives_each_mode_and_size_its_mean_and_interval():
     assert rows["finetune"]["accuracy"] - rows["extract"]["accuracy"] == pytest.approx(0.1, abs=0.01)
     text = curves.markdown(list(rows.values()), [], {"says": "x"})
     assert text.splitlines()[0] == "| images per class | finetune | extract |"
+    rows["extract"]["classes_with_fewer"] = {"bees": 3}
+    assert "- at 5 per class, classes with fewer train on all they have: bees 3" in curves.markdown(
+        list(rows.values()), [], {"says": "x"})
 
 
 def set_curve(project, **values) -> None:

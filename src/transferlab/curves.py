@@ -118,6 +118,9 @@ def crossover(points: list[dict], rows: list[dict]) -> dict:
     each size); "never" if no size shows it."""
     sizes = sorted({(row["x"], row["images_per_class"]) for row in rows if row["mode"] == "finetune"}
                    & {(row["x"], row["images_per_class"]) for row in rows if row["mode"] == "extract"})
+    if not sizes:
+        return {"from_images_per_class": None, "says": "no crossover: it needs finetune and extract in curve.modes",
+                "tests": []}
     tests = []
     for x, size in sizes:
         a, b = (right_matrix([p for p in points if p["mode"] == mode and p["images_per_class"] == size])
@@ -150,7 +153,11 @@ def markdown(rows: list[dict], dividends: list[dict], cross: dict) -> str:
                  if (c := cell.get((mode, size))) else "" for mode in modes]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Test accuracy, mean over seeds; in brackets the 95% interval over seeds and test images.", ""]
-    lines += [f"- {d['says']}" for d in dividends]
+    short = {row["images_per_class"]: row["classes_with_fewer"] for row in rows if row["classes_with_fewer"]}
+    lines += [f"- at {size} per class, classes with fewer train on all they have: "
+              + ", ".join(f"{label} {n}" for label, n in fewer.items()) for size, fewer in short.items()]
+    lines += [f"- {d['says']}" for d in dividends] or ["- no dividend: it needs scratch and finetune or extract "
+                                                       "in curve.modes"]
     lines += [f"- {cross['says']}"]
     return "\n".join(lines) + "\n"
 
