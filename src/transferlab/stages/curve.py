@@ -45,7 +45,7 @@ def point(size: str, mode: str, seed: int) -> None:
     samples, classes = read_splits(SPLIT_DIR), read_json(SPLIT_DIR / "report.json")["classes"]
     rows, drawn = curves.training_rows(samples["train"], None if size == "all" else int(size), seed, budget)
     built, source, result, steps_per_epoch, hw = train_point(params, mode, seed, samples, classes, rows,
-                                                             f"curve-{mode}-{size}-s{seed}", [budget])
+                                                             f"curve-{mode}-{size}-s{seed}")
     fit_seconds = sum(r["train_seconds"] + r["val_seconds"] for r in result.history)  # the epochs themselves
     test_start = time.perf_counter()
     eval_hw = pick_hardware(params.for_mode(mode).device, params.evaluate.precision, params.evaluate.channels_last)
@@ -67,7 +67,7 @@ def point(size: str, mode: str, seed: int) -> None:
 
 
 def train_point(params: Params, mode: str, seed: int, samples: dict, classes: list[str], rows: list[int],
-                name: str, identity: list):
+                name: str):
     """Train `mode` on the training images `rows` as the train stage would (resuming after the
     last finished epoch of an interrupted run of the same point): (the model built, the image
     source, the fit's result with the best weights loaded, optimizer steps per epoch, hardware)."""
@@ -87,8 +87,8 @@ def train_point(params: Params, mode: str, seed: int, samples: dict, classes: li
                                train.lr, train.momentum, train.weight_decay)
     scheduler = make_scheduler(optimizer, train.scheduler, train.epochs, train.step_size, train.gamma,
                                train.warmup_epochs, len(train_loader))
-    identity = [params.model, params.seed, seed, to_dict(train), rows, *identity,
-                samples_digest(samples["train"] + samples["val"])]
+    data_key = samples_digest(samples["train"] + samples["val"])
+    identity = [params.model, params.seed, seed, to_dict(train), rows, data_key]
     resume_path = resume_file(RESUME_DIR, name, identity) if train.resume else None
     result = fit(model, train_loader, val_loader, optimizer, scheduler, train.epochs, hw, train.aux_loss_weight,
                  resume_path=resume_path)
