@@ -14,13 +14,28 @@ from torch import nn
 
 from transferlab.data import ImageSource
 from transferlab.distributed import SINGLE, World
-from transferlab.engine import FitResult, fit, make_optimizer, peak_rss_mb
+from transferlab.engine import FitResult, fit, make_optimizer, make_scheduler, peak_rss_mb
 from transferlab.errors import warn
 from transferlab.features import feature_loaders
-from transferlab.hardware import Hardware, Workload, decide
+from transferlab.hardware import Hardware, Workload, decide, pick_hardware
 from transferlab.images import Sample
-from transferlab.models import BuiltModel, HeadSpec, freeze_all_but, trainable_parameters
+from transferlab.models import BuiltModel, HeadSpec, freeze_all_but, parameter_groups, trainable_parameters
 from transferlab.params import TrainParams
+
+
+def train_hardware(train: TrainParams) -> Hardware:
+    """The device and settings `train` asks for (its `auto` ones measured later, by `prepare`)."""
+    return pick_hardware(train.device, train.precision, train.channels_last, train.workers, train.keep_freed_memory,
+                         train.tensor_batches)
+
+
+def optimizer_and_scheduler(model: nn.Module, built: BuiltModel, train: TrainParams, steps_per_epoch: int):
+    """The optimizer over `model`'s trainable weights (the backbone's at its own lr) and its schedule."""
+    optimizer = make_optimizer(parameter_groups(model, built, train.lr, train.backbone_lr_factor), train.optimizer,
+                               train.lr, train.momentum, train.weight_decay)
+    scheduler = make_scheduler(optimizer, train.scheduler, train.epochs, train.step_size, train.gamma,
+                               train.warmup_epochs, steps_per_epoch)
+    return optimizer, scheduler
 
 
 def head_spec(train: TrainParams) -> HeadSpec:

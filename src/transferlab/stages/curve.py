@@ -14,17 +14,25 @@ from pathlib import Path
 
 from transferlab import curves
 from transferlab.data import ImageSource, open_split_store, read_splits
-from transferlab.engine import fit, make_optimizer, make_scheduler, seed_everything
+from transferlab.engine import fit, seed_everything
 from transferlab.errors import UserError
 from transferlab.files import read_json, replaced_together, write_json
-from transferlab.hardware import pick_hardware
 from transferlab.images import samples_digest
 from transferlab.metrics import wilson_interval
-from transferlab.models import MODES, build_for_mode, parameter_groups
+from transferlab.models import MODES, build_for_mode
 from transferlab.params import Params, load_curve_params, load_params, to_dict
 from transferlab.stages import RESUME_DIR, cache_dir, require_inputs, run_stage
-from transferlab.stages.evaluate import predict_split
-from transferlab.training import Subset, backbone_trains, head_spec, prepare, resume_file, train_head_first
+from transferlab.stages.evaluate import predict_split, scoring_hardware
+from transferlab.training import (
+    Subset,
+    backbone_trains,
+    head_spec,
+    optimizer_and_scheduler,
+    prepare,
+    resume_file,
+    train_hardware,
+    train_head_first,
+)
 from transferlab.vega import write_offline_template
 
 SPLIT_DIR = Path("data/split")
@@ -48,7 +56,7 @@ def point(size: str, mode: str, seed: int) -> None:
                                                              f"curve-{mode}-{size}-s{seed}")
     fit_seconds = sum(r["train_seconds"] + r["val_seconds"] for r in result.history)  # the epochs themselves
     test_start = time.perf_counter()
-    eval_hw = pick_hardware(params.for_mode(mode).device, params.evaluate.precision, params.evaluate.channels_last)
+    eval_hw = scoring_hardware(params.evaluate)
     predictions, eval_hw = predict_split(built.model, built.arch, built.preprocess, classes, samples["test"], source,
                                          params.evaluate.batch_size, eval_hw, desc=f"test {mode} {size}/class")
     right = predictions.probs.argmax(1) == predictions.targets
@@ -73,8 +81,7 @@ def train_point(params: Params, mode: str, seed: int, samples: dict, classes: li
     source, the fit's result with the best weights loaded, optimizer steps per epoch, hardware)."""
     train = params.for_mode(mode)
     seed_everything(seed, train.deterministic)
-    hw = pick_hardware(train.device, train.precision, train.channels_last, train.workers, train.keep_freed_memory,
-                       train.tensor_batches)
+    hw = train_hardware(train)
     built = build_for_mode(params.model, len(classes), mode, head_spec(train), train.freeze)
     subset = Subset(rows, embed_seed=params.seed)  # every seed's extract points share one embedding pass
     source = ImageSource(open_split_store(SPLIT_DIR, built.preprocess.resize_size, cache_dir()))
@@ -83,10 +90,7 @@ def train_point(params: Params, mode: str, seed: int, samples: dict, classes: li
         head_history = train_head_first(built, classes, samples, train, hw, seed, source, cache_dir(), subset=subset)
     hw, model, train_loader, val_loader = prepare(built, classes, samples, train, hw, seed, source, cache_dir(),
                                                   subset=subset)
-    optimizer = make_optimizer(parameter_groups(model, built, train.lr, train.backbone_lr_factor), train.optimizer,
-                               train.lr, train.momentum, train.weight_decay)
-    scheduler = make_scheduler(optimizer, train.scheduler, train.epochs, train.step_size, train.gamma,
-                               train.warmup_epochs, len(train_loader))
+    optimizer, scheduler = optimizer_and_scheduler(model, built, train, len(train_loader))
     data_key = samples_digest(samples["train"] + samples["val"])
     identity = [params.model, params.seed, seed, to_dict(train), rows, data_key]
     resume_path = resume_file(RESUME_DIR, name, identity) if train.resume else None

@@ -17,7 +17,7 @@ from transferlab.hardware import Hardware, Workload, decide, pick_hardware
 from transferlab.images import Sample, read_split
 from transferlab.metrics import classification_metrics, compare, headline, top_losses
 from transferlab.models import MODES, Preprocess, head_of, rebuild_model
-from transferlab.params import load_params
+from transferlab.params import EvaluateParams, load_params
 from transferlab.stages import cache_dir, require_inputs, run_stage
 
 TEST_CSV = Path("data/split/test.csv")
@@ -30,7 +30,7 @@ def main() -> None:
     require_inputs({str(TEST_CSV): "split", **{f"models/{mode}.pt": f"train-{mode}" for mode in MODES}})
     params = load_params()
     seed_everything(params.seed)
-    hw = pick_hardware(precision=params.evaluate.precision, channels_last=params.evaluate.channels_last)
+    hw = scoring_hardware(params.evaluate)
     samples = read_split(TEST_CSV)
     report, right, rows, sources = {"classes": None}, {}, {}, {}
     for mode in MODES:
@@ -57,6 +57,11 @@ def main() -> None:
         write_json(details, report)
         for mode in MODES:
             write_predictions(predictions_dir / f"{mode}.csv", rows[mode])
+
+
+def scoring_hardware(evaluate: EvaluateParams) -> Hardware:
+    """The device, precision and layout the test split is scored at (auto ones measured by predict_split)."""
+    return pick_hardware(precision=evaluate.precision, channels_last=evaluate.channels_last)
 
 
 def predict_test(checkpoint: dict, samples: list[Sample], source: ImageSource, batch_size: int,

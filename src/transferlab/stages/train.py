@@ -19,15 +19,24 @@ from scmrepo.exceptions import SCMError
 import transferlab
 from transferlab.data import ImageSource, open_split_store, read_splits
 from transferlab.distributed import SINGLE, World, join, leave, resolve_processes, spawn, started_by_torchrun
-from transferlab.engine import fit, make_optimizer, make_scheduler, seed_everything
+from transferlab.engine import fit, seed_everything
 from transferlab.errors import UserError
 from transferlab.files import read_json, replaced_together, save_checkpoint, write_json
-from transferlab.hardware import pick_hardware
 from transferlab.images import samples_digest
-from transferlab.models import MODES, build_for_mode, describe, parameter_groups
+from transferlab.models import MODES, build_for_mode, describe
 from transferlab.params import load_params, to_dict
 from transferlab.stages import RESUME_DIR, cache_dir, require_inputs, run_stage
-from transferlab.training import backbone_trains, head_spec, headline, prepare, resume_file, summary, train_head_first
+from transferlab.training import (
+    backbone_trains,
+    head_spec,
+    headline,
+    optimizer_and_scheduler,
+    prepare,
+    resume_file,
+    summary,
+    train_hardware,
+    train_head_first,
+)
 
 SPLIT_DIR = Path("data/split")
 
@@ -71,8 +80,7 @@ def run(mode: str, world: World) -> None:
     params = load_params()
     train = params.for_mode(mode)
     seed_everything(params.seed, train.deterministic)
-    hw = pick_hardware(train.device, train.precision, train.channels_last, train.workers, train.keep_freed_memory,
-                       train.tensor_batches)
+    hw = train_hardware(train)
     if hw.device.type == "cuda":
         hw = replace(hw, device=torch.device("cuda", world.local_rank))
     classes = read_json(SPLIT_DIR / "report.json")["classes"]
@@ -85,10 +93,7 @@ def run(mode: str, world: World) -> None:
     hw, model, train_loader, val_loader = prepare(built, classes, samples, train, hw, params.seed, source,
                                                   cache_dir(), world)
     data_key = samples_digest(samples["train"] + samples["val"])
-    optimizer = make_optimizer(parameter_groups(model, built, train.lr, train.backbone_lr_factor), train.optimizer,
-                               train.lr, train.momentum, train.weight_decay)
-    scheduler = make_scheduler(optimizer, train.scheduler, train.epochs, train.step_size, train.gamma,
-                               train.warmup_epochs, len(train_loader))
+    optimizer, scheduler = optimizer_and_scheduler(model, built, train, len(train_loader))
     identity = [params.model, params.seed, to_dict(train), data_key, world.size]
     resume_path = resume_file(RESUME_DIR, mode, identity) if train.resume and world.main else None
     result = fit(model, train_loader, val_loader, optimizer, scheduler, train.epochs, hw,
