@@ -1,7 +1,6 @@
 """Shared fixtures: generated images, a copy of the project, torch caches with test weights."""
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
 import signal
@@ -89,9 +88,26 @@ def copy_project(dest: Path) -> Path:
 
 # One cache folder (decoded images, embeddings, hardware decisions) for the pipelines the tests run,
 # as a user's projects would share one through TRANSFERLAB_CACHE_DIR: each hardware decision is
-# measured once per test session, not once per test.
-SHARED_CACHE = Path(tempfile.mkdtemp(prefix="transferlab-test-cache-"))
-atexit.register(shutil.rmtree, SHARED_CACHE, ignore_errors=True)
+# measured once per test session, not once per test. Set by session_temp.
+SHARED_CACHE: Path | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_temp(tmp_path_factory: pytest.TempPathFactory):
+    """Every temporary file of the session, the tools' own included (torchrun's, the rendezvous),
+    under pytest's base folder, which pytest deletes after a passing run (pyproject.toml's
+    tmp_path_retention_policy): a suite that leaks gigabytes into /tmp fills the disk it runs on."""
+    global SHARED_CACHE
+    SHARED_CACHE = tmp_path_factory.mktemp("transferlab-cache")
+    tmp = tmp_path_factory.mktemp("tmp")
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(tmp), str(tmp)
+    yield
+    if saved[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[0]
+    tempfile.tempdir = saved[1]
 
 
 def pipeline_env(torch_home: Path | None = None, **extra: str) -> dict[str, str]:
@@ -100,6 +116,7 @@ def pipeline_env(torch_home: Path | None = None, **extra: str) -> dict[str, str]
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["DVC_NO_ANALYTICS"] = "1"
     env["PYTHONPATH"] = str(ROOT / "src")
+    assert SHARED_CACHE is not None, "pipeline_env runs inside a test session"
     env["TRANSFERLAB_CACHE_DIR"] = str(SHARED_CACHE)
     if torch_home is not None:
         env["TORCH_HOME"] = str(torch_home)
@@ -163,6 +180,16 @@ def git_commit(project: Path, message: str) -> None:
     subprocess.run(git + ["commit", "-qm", message], cwd=project, check=True)
 
 
+def start_queue(project: Path, env: dict[str, str], jobs: int) -> None:
+    """`dvc queue start -j jobs`, returning when it does: its workers are daemons that inherit its
+    stdout, so reading that to its end (as `run` does) would wait for the last worker to exit."""
+    with tempfile.TemporaryFile("w+") as log:
+        result = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=project, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        log.seek(0)
+        assert result.returncode == 0, f"dvc queue start exited {result.returncode}\n{log.read()}"
+
+
 def wait_for_queue(project: Path, env: dict[str, str], timeout: float = 900) -> str:
     """Wait until `dvc queue` has nothing queued or running; stop its workers; its last status."""
     deadline = time.time() + timeout
@@ -172,12 +199,36 @@ def wait_for_queue(project: Path, env: dict[str, str], timeout: float = 900) -> 
             break
         time.sleep(1)
     run(["dvc", "queue", "stop"], project, env)  # its workers would otherwise idle on after the test
+    stop_workers(project)
     for line in status.splitlines():  # a failed task's own log, so that an assertion on status says why
         if line.split()[-1:] == ["Failed"]:
             task = line.split()[0]  # its id: a task that failed during DVC's setup may have no name
             logs = run(["dvc", "queue", "logs", task], project, env, check=False)
             status += f"\n--- {task}\n{logs.stdout}{logs.stderr}"
     return status
+
+
+def stop_workers(project: Path, grace: float = 30) -> None:
+    """Wait for the queue's worker processes to exit; kill those still there after `grace` seconds.
+    A worker whose "empty queue" shutdown came while its task ran can outlive it by hours
+    (celery, under dvc-task), every task done: it holds nothing a test reads."""
+    pids = [int(f.read_text()) for f in (project / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.pid")]
+    deadline = time.time() + grace
+    while pids and time.time() < deadline:
+        pids = [pid for pid in pids if is_dvc_process(pid)]
+        time.sleep(0.5)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def is_dvc_process(pid: int) -> bool:
+    try:
+        return b"dvc" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone
+        return False
 
 
 def interrupt(command: list[str], cwd: Path, env: dict[str, str], at_line: str,

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import copy_finished, git_commit, run, wait_for_queue
+from conftest import copy_finished, git_commit, run, start_queue, wait_for_queue
 
 pytestmark = pytest.mark.integration  # through the real tools (make test-integration)
 
@@ -47,7 +47,7 @@ def run_sweep(project: Path, env: dict[str, str], tmp_path: Path) -> list[dict]:
     """The README's sweep: two seeds through `dvc exp run --queue` and `dvc queue start -j 2`, one
     more with `dvc exp run --temp`; then `transferlab compare` reads them and the baseline from git."""
     run(["dvc", "exp", "run", "--queue", "-S", "seed=1,2"], project, env)
-    run(["dvc", "queue", "start", "-j", "2"], project, env)
+    start_queue(project, env, jobs=2)
     status = wait_for_queue(project, env)
     # DVC's own race between workers (treeverse/dvc#10673, open) can fail a task while DVC sets it
     # up, before any stage runs; such a task is run again, alone. A failure of ours fails the test.
