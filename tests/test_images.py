@@ -20,6 +20,14 @@ def test_light_stages_start_without_torch():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
 
 
+def test_stages_that_train_and_score_efficientnet_lite0_start_without_torchvision():
+    """Importing torchvision costs each stage process a second or more; lite0 does not need it."""
+    code = ("import sys, transferlab.stages.train, transferlab.stages.evaluate, transferlab.stages.curve; "
+            "from transferlab.models import build_for_mode; build_for_mode('efficientnet_lite0', 2, 'scratch'); "
+            "print('torchvision' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "LA", "P", "CMYK", "I;16", "1"])
 def test_every_pillow_mode_becomes_8bit_rgb(tmp_path, mode):
     path = tmp_path / f"image.{'jpg' if mode == 'CMYK' else 'png'}"

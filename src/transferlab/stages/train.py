@@ -9,10 +9,10 @@ import sys
 import time
 from dataclasses import replace
 from functools import partial
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
-import torchvision
 from dvclive import Live
 from scmrepo.exceptions import SCMError
 
@@ -140,8 +140,10 @@ def write_logs(directory: Path, history: list[dict]) -> None:
 
 
 def versions() -> dict:
+    # torchvision's from its installed metadata: importing it costs a second or more, which a
+    # stage training efficientnet_lite0 need not pay (torch's version names the build: +cu130).
     return {"transferlab": transferlab.__version__, "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__), "python": platform.python_version()}
+            "torchvision": version("torchvision"), "python": platform.python_version()}
 
 
 if __name__ == "__main__":
