@@ -94,19 +94,23 @@ SHARED_CACHE: Path | None = None
 
 @pytest.fixture(scope="session", autouse=True)
 def session_temp(tmp_path_factory: pytest.TempPathFactory):
-    """Every temporary file of the session, the tools' own included (torchrun's, the rendezvous),
-    under pytest's base folder, which pytest deletes after a passing run (pyproject.toml's
-    tmp_path_retention_policy): a suite that leaks gigabytes into /tmp fills the disk it runs on."""
+    """Every temporary file of the session, the tools' own included (torchrun's, the rendezvous,
+    DVC's per-repository state otherwise in /var/tmp/dvc), under pytest's base folder, which
+    pytest deletes after a passing run (pyproject.toml's tmp_path_retention_policy): a suite that
+    leaks gigabytes into /tmp fills the disk it runs on."""
     global SHARED_CACHE
     SHARED_CACHE = tmp_path_factory.mktemp("transferlab-cache")
     tmp = tmp_path_factory.mktemp("tmp")
-    saved = os.environ.get("TMPDIR"), tempfile.tempdir
-    os.environ["TMPDIR"], tempfile.tempdir = str(tmp), str(tmp)
+    settings = {"TMPDIR": str(tmp), "DVC_SITE_CACHE_DIR": str(tmp_path_factory.mktemp("dvc-site-cache"))}
+    saved = {name: os.environ.get(name) for name in settings}, tempfile.tempdir
+    os.environ.update(settings)
+    tempfile.tempdir = str(tmp)
     yield
-    if saved[0] is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = saved[0]
+    for name, value in saved[0].items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     tempfile.tempdir = saved[1]
 
 
