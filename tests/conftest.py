@@ -214,9 +214,10 @@ def wait_for_queue(project: Path, env: dict[str, str], timeout: float = 900) -> 
 
 def stop_workers(project: Path, grace: float = 30) -> None:
     """Wait for the queue's worker processes to exit; kill those still there after `grace` seconds.
-    A worker whose "empty queue" shutdown came while its task ran can outlive it by hours
-    (celery, under dvc-task), every task done: it holds nothing a test reads."""
-    pids = [int(f.read_text()) for f in (project / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.pid")]
+    A worker whose "empty queue" shutdown came while its task ran may never exit (celery, under
+    dvc-task; one here idled 7 minutes until killed), every task done: it holds nothing a test reads."""
+    pids = [int(text) for f in (project / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.pid")
+            if (text := f.read_text().strip()).isdigit()]
     deadline = time.time() + grace
     while pids and time.time() < deadline:
         pids = [pid for pid in pids if is_dvc_process(pid)]
