@@ -10,16 +10,24 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from transferlab.data import ImageSource
+from transferlab.data import ImageSource, open_split_store
 from transferlab.distributed import SINGLE, World
-from transferlab.engine import FitResult, fit, make_optimizer, make_scheduler, peak_rss_mb
+from transferlab.engine import FitResult, fit, make_optimizer, make_scheduler, peak_rss_mb, seed_everything
 from transferlab.errors import warn
 from transferlab.features import feature_loaders
 from transferlab.hardware import Hardware, Workload, decide, pick_hardware
 from transferlab.images import Sample
-from transferlab.models import BuiltModel, HeadSpec, freeze_all_but, parameter_groups, trainable_parameters
+from transferlab.models import (
+    BuiltModel,
+    HeadSpec,
+    build_for_mode,
+    freeze_all_but,
+    parameter_groups,
+    trainable_parameters,
+)
 from transferlab.params import TrainParams
 
 
@@ -128,6 +136,45 @@ def train_head_first(built: BuiltModel, classes: list[str], samples: dict[str, l
     if world.main:
         print(f"then with the backbone unfrozen: {train.epochs} epochs", flush=True)
     return [{**record, "phase": "head"} for record in result.history]
+
+
+@dataclass
+class Trained:
+    """One mode trained by `train_mode`; on rank 0 its best epoch's weights are loaded."""
+    built: BuiltModel
+    model: nn.Module         # what was fitted: built.model, or its head alone over cached embeddings
+    source: ImageSource
+    hw: Hardware
+    result: FitResult
+    steps_per_epoch: int
+    resume_path: Path | None  # the caller removes it once its outputs are written
+
+
+def train_mode(model_name: str, mode: str, train: TrainParams, seed: int, classes: list[str],
+               samples: dict[str, list[Sample]], split_dir: Path, cache_dir: Path, resume: tuple[Path, str, list],
+               world: World = SINGLE, subset: Subset | None = None) -> Trained:
+    """Train `mode` as the train stage and a learning curve's point both do: seed, build, the head
+    first if asked, fit (after the last finished epoch of an interrupted run with the same
+    identity: `resume` is (folder, name, identity)), then the best epoch's weights."""
+    seed_everything(seed, train.deterministic)
+    hw = train_hardware(train)
+    if hw.device.type == "cuda":
+        hw = replace(hw, device=torch.device("cuda", world.local_rank))
+    built = build_for_mode(model_name, len(classes), mode, head_spec(train), train.freeze)
+    source = ImageSource(open_split_store(split_dir, built.preprocess.resize_size, cache_dir))
+    head_history = []
+    if train.head_epochs and backbone_trains(built):  # freeze, train the head, then unfreeze
+        head_history = train_head_first(built, classes, samples, train, hw, seed, source, cache_dir, world, subset)
+    hw, model, train_loader, val_loader = prepare(built, classes, samples, train, hw, seed, source, cache_dir, world,
+                                                  subset)
+    optimizer, scheduler = optimizer_and_scheduler(model, built, train, len(train_loader))
+    resume_path = resume_file(*resume) if train.resume and world.main else None
+    result = fit(model, train_loader, val_loader, optimizer, scheduler, train.epochs, hw, train.aux_loss_weight,
+                 resume_path=resume_path, world=world)
+    result.after(head_history)
+    if world.main:
+        model.load_state_dict(result.best_state)  # `model` may be the head alone: it lives in built.model
+    return Trained(built, model, source, hw, result, len(train_loader), resume_path)
 
 
 def time_inputs(source: ImageSource, samples: list[Sample], classes: list[str], pre, batch_size: int,

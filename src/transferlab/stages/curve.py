@@ -13,26 +13,16 @@ import time
 from pathlib import Path
 
 from transferlab import curves
-from transferlab.data import ImageSource, open_split_store, read_splits
-from transferlab.engine import fit, seed_everything
+from transferlab.data import read_splits
 from transferlab.errors import UserError
 from transferlab.files import read_json, replaced_together, write_json
 from transferlab.images import samples_digest
 from transferlab.metrics import wilson_interval
-from transferlab.models import MODES, build_for_mode
-from transferlab.params import Params, load_curve_params, load_params, to_dict
+from transferlab.models import MODES
+from transferlab.params import load_curve_params, load_params, to_dict
 from transferlab.stages import RESUME_DIR, cache_dir, require_inputs, run_stage
 from transferlab.stages.evaluate import predict_split, scoring_hardware
-from transferlab.training import (
-    Subset,
-    backbone_trains,
-    head_spec,
-    optimizer_and_scheduler,
-    prepare,
-    resume_file,
-    train_hardware,
-    train_head_first,
-)
+from transferlab.training import Subset, train_mode
 from transferlab.vega import write_offline_template
 
 SPLIT_DIR = Path("data/split")
@@ -52,55 +42,35 @@ def point(size: str, mode: str, seed: int) -> None:
     params, budget = load_params(), load_curve_params(CURVE_PARAMS).budget
     samples, classes = read_splits(SPLIT_DIR), read_json(SPLIT_DIR / "report.json")["classes"]
     rows, drawn = curves.training_rows(samples["train"], None if size == "all" else int(size), seed, budget)
-    built, source, result, steps_per_epoch, hw = train_point(params, mode, seed, samples, classes, rows,
-                                                             f"curve-{mode}-{size}-s{seed}")
+    train = params.for_mode(mode)
+    data_key = samples_digest(samples["train"] + samples["val"])
+    identity = [params.model, params.seed, seed, to_dict(train), rows, data_key]
+    # Every seed's extract points share one embedding pass: it is cropped with the main seed.
+    trained = train_mode(params.model, mode, train, seed, classes, samples, SPLIT_DIR, cache_dir(),
+                         (RESUME_DIR, f"curve-{mode}-{size}-s{seed}", identity),
+                         subset=Subset(rows, embed_seed=params.seed))
+    built, result, hw = trained.built, trained.result, trained.hw
     fit_seconds = sum(r["train_seconds"] + r["val_seconds"] for r in result.history)  # the epochs themselves
     test_start = time.perf_counter()
     eval_hw = scoring_hardware(params.evaluate)
-    predictions, eval_hw = predict_split(built.model, built.arch, built.preprocess, classes, samples["test"], source,
-                                         params.evaluate.batch_size, eval_hw, desc=f"test {mode} {size}/class")
+    predictions, eval_hw = predict_split(built.model, built.arch, built.preprocess, classes, samples["test"],
+                                         trained.source, params.evaluate.batch_size, eval_hw,
+                                         desc=f"test {mode} {size}/class")
     right = predictions.probs.argmax(1) == predictions.targets
     low, high = wilson_interval(int(right.sum()), len(right))
     write_json(point_path(mode, size, seed), {
         "mode": mode, "images_per_class": size if size == "all" else int(size), "seed": seed,
-        "drawn": drawn, "budget": budget, "epochs": len(result.history), "steps_per_epoch": steps_per_epoch,
+        "drawn": drawn, "budget": budget, "epochs": len(result.history), "steps_per_epoch": trained.steps_per_epoch,
         "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val.accuracy,
         "accuracy": float(right.mean()), "accuracy_ci95_low": low, "accuracy_ci95_high": high,
         "test_images": samples_digest(samples["test"]), "right": "".join("1" if r else "0" for r in right),
         "seconds": {"fit": fit_seconds, "test": time.perf_counter() - test_start,
                     "after_imports": time.perf_counter() - start},
         "hardware": hw.describe(), "evaluate_hardware": eval_hw.describe()})
+    if trained.resume_path is not None:
+        trained.resume_path.unlink()  # finished: the next run of this point starts afresh
     print(f"{mode}, {size} images per class, seed {seed}: test accuracy {right.mean():.4f} ({len(rows)} images an "
           f"epoch; {fit_seconds:.1f} s training)")
-
-
-def train_point(params: Params, mode: str, seed: int, samples: dict, classes: list[str], rows: list[int],
-                name: str):
-    """Train `mode` on the training images `rows` as the train stage would (resuming after the
-    last finished epoch of an interrupted run of the same point): (the model built, the image
-    source, the fit's result with the best weights loaded, optimizer steps per epoch, hardware)."""
-    train = params.for_mode(mode)
-    seed_everything(seed, train.deterministic)
-    hw = train_hardware(train)
-    built = build_for_mode(params.model, len(classes), mode, head_spec(train), train.freeze)
-    subset = Subset(rows, embed_seed=params.seed)  # every seed's extract points share one embedding pass
-    source = ImageSource(open_split_store(SPLIT_DIR, built.preprocess.resize_size, cache_dir()))
-    head_history = []
-    if train.head_epochs and backbone_trains(built):
-        head_history = train_head_first(built, classes, samples, train, hw, seed, source, cache_dir(), subset=subset)
-    hw, model, train_loader, val_loader = prepare(built, classes, samples, train, hw, seed, source, cache_dir(),
-                                                  subset=subset)
-    optimizer, scheduler = optimizer_and_scheduler(model, built, train, len(train_loader))
-    data_key = samples_digest(samples["train"] + samples["val"])
-    identity = [params.model, params.seed, seed, to_dict(train), rows, data_key]
-    resume_path = resume_file(RESUME_DIR, name, identity) if train.resume else None
-    result = fit(model, train_loader, val_loader, optimizer, scheduler, train.epochs, hw, train.aux_loss_weight,
-                 resume_path=resume_path)
-    result.after(head_history)
-    model.load_state_dict(result.best_state)  # `model` may be the head alone: it lives in built.model
-    if resume_path is not None:
-        resume_path.unlink()  # finished: the next run of this point starts afresh
-    return built, source, result, len(train_loader), hw
 
 
 def summary() -> None:

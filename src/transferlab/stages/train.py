@@ -7,7 +7,6 @@ scratch (random init). The checkpoint kept is the epoch with the best validation
 import platform
 import sys
 import time
-from dataclasses import replace
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
@@ -17,26 +16,15 @@ from dvclive import Live
 from scmrepo.exceptions import SCMError
 
 import transferlab
-from transferlab.data import ImageSource, open_split_store, read_splits
+from transferlab.data import read_splits
 from transferlab.distributed import SINGLE, World, join, leave, resolve_processes, spawn, started_by_torchrun
-from transferlab.engine import fit, seed_everything
 from transferlab.errors import UserError
 from transferlab.files import read_json, replaced_together, save_checkpoint, write_json
 from transferlab.images import samples_digest
-from transferlab.models import MODES, build_for_mode, describe
+from transferlab.models import MODES, describe
 from transferlab.params import load_params, to_dict
 from transferlab.stages import RESUME_DIR, cache_dir, require_inputs, run_stage
-from transferlab.training import (
-    backbone_trains,
-    head_spec,
-    headline,
-    optimizer_and_scheduler,
-    prepare,
-    resume_file,
-    summary,
-    train_hardware,
-    train_head_first,
-)
+from transferlab.training import headline, summary, train_mode
 
 SPLIT_DIR = Path("data/split")
 
@@ -79,30 +67,17 @@ def run(mode: str, world: World) -> None:
     start = time.perf_counter()
     params = load_params()
     train = params.for_mode(mode)
-    seed_everything(params.seed, train.deterministic)
-    hw = train_hardware(train)
-    if hw.device.type == "cuda":
-        hw = replace(hw, device=torch.device("cuda", world.local_rank))
     classes = read_json(SPLIT_DIR / "report.json")["classes"]
-    built = build_for_mode(params.model, len(classes), mode, head_spec(train), train.freeze)
     samples = read_splits(SPLIT_DIR)
-    source = ImageSource(open_split_store(SPLIT_DIR, built.preprocess.resize_size, cache_dir()))
-    head_history = []
-    if train.head_epochs and backbone_trains(built):  # freeze, train the head, then unfreeze
-        head_history = train_head_first(built, classes, samples, train, hw, params.seed, source, cache_dir(), world)
-    hw, model, train_loader, val_loader = prepare(built, classes, samples, train, hw, params.seed, source,
-                                                  cache_dir(), world)
     data_key = samples_digest(samples["train"] + samples["val"])
-    optimizer, scheduler = optimizer_and_scheduler(model, built, train, len(train_loader))
     identity = [params.model, params.seed, to_dict(train), data_key, world.size]
-    resume_path = resume_file(RESUME_DIR, mode, identity) if train.resume and world.main else None
-    result = fit(model, train_loader, val_loader, optimizer, scheduler, train.epochs, hw,
-                 train.aux_loss_weight, resume_path=resume_path, world=world)
-    result.after(head_history)
+    trained = train_mode(params.model, mode, train, params.seed, classes, samples, SPLIT_DIR, cache_dir(),
+                         (RESUME_DIR, mode, identity), world)
     if not world.main:
         return
-    model.load_state_dict(result.best_state)  # `model` may be the head alone: it lives in built.model
-    details = summary(result, built, model, hw, time.perf_counter() - start, len(train_loader), world.size)
+    built, model, result, resume_path = trained.built, trained.model, trained.result, trained.resume_path
+    details = summary(result, built, model, trained.hw, time.perf_counter() - start, trained.steps_per_epoch,
+                      world.size)
     with replaced_together(*outputs(mode)) as (checkpoint, logs, metrics, report):  # all four or none
         save_checkpoint(checkpoint, {
             **describe(built), "format": 1, "mode": mode, "model": params.model, "classes": classes,
