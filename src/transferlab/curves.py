@@ -19,6 +19,7 @@ import numpy as np
 
 from transferlab.images import Sample
 from transferlab.metrics import bootstrap_interval, holm, paired_difference, verdict
+from transferlab.params import MODES
 from transferlab.splits import per_class_subset
 
 TRANSFER_MODES = ("finetune", "extract")
@@ -143,7 +144,7 @@ def right_matrix(points: list[dict]) -> np.ndarray:
 
 def markdown(rows: list[dict], dividends: list[dict], cross: dict) -> str:
     """The curve as a table (accuracy and 95% interval per mode and size), then what it says."""
-    modes = sorted({row["mode"] for row in rows}, key=("finetune", "extract", "scratch").index)
+    modes = sorted({row["mode"] for row in rows}, key=MODES.index)
     sizes = sorted({(row["x"], row["images_per_class"]) for row in rows})
     cell = {(row["mode"], row["images_per_class"]): row for row in rows}
     lines = ["| images per class | " + " | ".join(modes) + " |", "|---:|" + "---|" * len(modes)]

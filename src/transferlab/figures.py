@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from transferlab.images import load_image  # noqa: E402
+from transferlab.params import MODES  # noqa: E402
 
 MODE_COLORS = {"finetune": "tab:blue", "extract": "tab:orange", "scratch": "tab:gray"}
 
@@ -188,7 +189,7 @@ def plot_learning_curve(rows: list[dict], path: Path) -> None:
     interval over seeds and test images as a band."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     sizes = sorted({row["x"] for row in rows})
-    for mode in ("finetune", "extract", "scratch"):
+    for mode in MODES:
         own = sorted((row for row in rows if row["mode"] == mode), key=lambda row: row["x"])
         if not own:
             continue
