@@ -101,17 +101,11 @@ def session_temp(tmp_path_factory: pytest.TempPathFactory):
     global SHARED_CACHE
     SHARED_CACHE = tmp_path_factory.mktemp("transferlab-cache")
     tmp = tmp_path_factory.mktemp("tmp")
-    settings = {"TMPDIR": str(tmp), "DVC_SITE_CACHE_DIR": str(tmp_path_factory.mktemp("dvc-site-cache"))}
-    saved = {name: os.environ.get(name) for name in settings}, tempfile.tempdir
-    os.environ.update(settings)
-    tempfile.tempdir = str(tmp)
-    yield
-    for name, value in saved[0].items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    tempfile.tempdir = saved[1]
+    with pytest.MonkeyPatch.context() as patch:  # undone at the session's end
+        patch.setenv("TMPDIR", str(tmp))
+        patch.setattr(tempfile, "tempdir", str(tmp))
+        patch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path_factory.mktemp("dvc-site-cache")))
+        yield
 
 
 def pipeline_env(torch_home: Path | None = None, **extra: str) -> dict[str, str]:
