@@ -23,19 +23,24 @@ repro: install
 lint: install
 	ruff check .
 
+# One pytest worker per core (pytest-xdist), each keeping to its core (tests/conftest.py); a
+# module's tests stay together on one worker, the longest modules handed out first.
+PYTEST := python -m pytest -n auto --dist loadfile --no-loadscope-reorder
+
 # Everything CI runs: the three tiers below.
 test: install
-	python -m pytest
+	$(PYTEST)
 
-# Library modules on small generated data, no external tool (about 2 minutes).
+# Library modules on small generated data, no external tool.
 test-unit: install
-	python -m pytest -m "not integration and not slow"
+	$(PYTEST) -m "not integration and not slow"
 
 # Through the real tools: DVC, torchrun, moto's S3 server, a tmpfs full disk.
 test-integration: install
-	python -m pytest -m "integration and not slow"
+	$(PYTEST) -m "integration and not slow"
 
-# The whole pipeline on the real hymenoptera images (needs ../shared/data/hymenoptera_data.zip).
+# The whole pipeline on the real hymenoptera images (needs ../shared/data/hymenoptera_data.zip),
+# and vgg's ONNX export. Two tests: one process, with every core.
 test-real: install
 	python -m pytest -m slow
 

@@ -17,6 +17,33 @@ import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The modules that take longest, longest first (pytest --durations): `make test` hands whole
+# modules to its workers in this order, so that the short ones fill the gaps at the end rather
+# than one long module running alone while the other cores idle.
+LONGEST_FIRST = ["test_real_data.py", "test_remote.py", "test_stages.py", "test_distributed.py", "test_pipeline.py",
+                 "test_curves.py", "test_export.py"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as collected
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test` runs one worker per core), keep this worker, and every
+    process it starts, to its own share of the cores. torch sizes its thread pool, and the decode
+    its pool, by the cores a process may use: without this, two workers' stage processes would each
+    use every core and contend (two tiny pipelines at once took 69 s here, against 41 s so kept)."""
+    worker, workers = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not (worker and workers and hasattr(os, "sched_setaffinity")):
+        return
+    cores, count, index = sorted(os.sched_getaffinity(0)), int(workers), int(worker.removeprefix("gw"))
+    if len(cores) >= count:
+        os.sched_setaffinity(0, cores[index::count])
+        torch.set_num_threads(len(cores[index::count]))  # this process's pool was sized before
+
+
 # Files a copy of the project needs to run the pipeline (what git tracks, minus outputs).
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "curves/dvc.yaml", "curves/params.yaml", "pyproject.toml", "src",
                  ".dvc/config", ".dvc/.gitignore", ".dvc/plots", ".dvcignore", ".gitignore"]
