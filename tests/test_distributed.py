@@ -149,11 +149,6 @@ def rank_processes(pid: int) -> list[int]:
     return found
 
 
-def snapshot(project: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(project)): p.read_bytes() for folder in ("models", "metrics", "reports", "logs")
-            for p in sorted((project / folder).rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def project(finished_project, tmp_path_factory):
     """The session's finished project (one process, batch 4, 2 epochs), copied: these tests change it."""
@@ -161,46 +156,42 @@ def project(finished_project, tmp_path_factory):
 
 
 @pytest.mark.integration
-def test_processes_2_through_dvc_exp_run(project):
+def test_processes_2_through_dvc_exp_run_a_killed_process_stops_it_and_it_resumes(project):
+    """The README's `dvc exp run -S train.processes=2`, with finetune given 4 epochs: one of its
+    processes killed in its second epoch stops the run, keeping finetune's outputs; the same command
+    again resumes after epoch 1, and every mode ends trained by two processes."""
     project, env = project
     one = {mode: json.loads((project / f"reports/train/{mode}.json").read_text()) for mode in ("finetune", "extract")}
-    result = run(["dvc", "exp", "run", "-S", "train.processes=2"], project, env)
-    assert "finetune: 2 processes" in result.stdout
-    for mode in ("finetune", "extract", "scratch"):
-        assert json.loads((project / f"metrics/train/{mode}.json").read_text())["world_size"] == 2
-    for mode, report in one.items():
-        two = json.loads((project / f"reports/train/{mode}.json").read_text())
-        assert two["optimizer_steps_per_epoch"] == report["optimizer_steps_per_epoch"] > 1
-        # Extract trains the head on the same cached embeddings, on the same batches: the same run.
-        # Finetune's dropout draws differ per process, so it only lands near.
-        tolerance = 1e-4 if mode == "extract" else 0.2
-        assert two["best_val_loss"] == pytest.approx(report["best_val_loss"], rel=tolerance)
-    assert sorted(p.name for p in (project / "models").iterdir()) == [
-        ".gitignore", "extract.pt", "finetune.pt", "scratch.pt"]  # one set of outputs
-    assert not list((project / "data/cache/resume").glob("*"))
-    assert "train.processes" in run(["dvc", "exp", "show", "--csv"], project, env).stdout
-
-
-@pytest.mark.integration
-def test_a_killed_process_stops_the_run_keeps_the_outputs_and_the_run_resumes(project):
-    project, env = project
-    good = snapshot(project)
-    command = ["dvc", "exp", "run", "-S", "train.processes=2", "-S", "train.epochs=4", "train-finetune"]
+    finetune_outputs = ["models/finetune.pt", "metrics/train/finetune.json", "reports/train/finetune.json"]
+    good = {path: (project / path).read_bytes() for path in finetune_outputs}
+    command = ["dvc", "exp", "run", "-S", "train.processes=2", "-S", "finetune.epochs=4"]
     process = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     for line in process.stdout:
-        if line.startswith("epoch 1/4"):  # the state after epoch 1 is saved; epoch 2 is under way
+        if line.startswith("epoch 1/4"):  # finetune's state after epoch 1 is saved; epoch 2 is under way
             os.kill(rank_processes(process.pid)[-1], signal.SIGKILL)
             break
     _, stderr = process.communicate(timeout=300)
     assert process.returncode != 0
     assert re.search(r"process [01] of 2 was killed by SIGKILL; stopped the others", stderr), stderr
     assert "unchanged, as the last finished run left them: models/finetune.pt" in stderr
-    assert snapshot(project) == good
+    assert {path: (project / path).read_bytes() for path in finetune_outputs} == good
     assert not rank_processes(os.getpid())
+
     again = run(command, project, env)
-    assert "resuming after epoch 1" in again.stdout
-    assert json.loads((project / "metrics/train/finetune.json").read_text())["world_size"] == 2
+    assert "resuming after epoch 1" in again.stdout and "finetune: 2 processes" in again.stdout
+    for mode in ("finetune", "extract", "scratch"):
+        assert json.loads((project / f"metrics/train/{mode}.json").read_text())["world_size"] == 2
+    for mode, report in one.items():
+        two = json.loads((project / f"reports/train/{mode}.json").read_text())
+        assert two["optimizer_steps_per_epoch"] == report["optimizer_steps_per_epoch"] > 1
+    # Extract trains the head on the same cached embeddings, on the same batches: the same run.
+    two = json.loads((project / "reports/train/extract.json").read_text())
+    assert two["best_val_loss"] == pytest.approx(one["extract"]["best_val_loss"], rel=1e-4)
+    assert sorted(p.name for p in (project / "models").iterdir()) == [
+        ".gitignore", "extract.pt", "finetune.pt", "scratch.pt"]  # one set of outputs
+    assert not list((project / "data/cache/resume").glob("*"))
+    assert "train.processes" in run(["dvc", "exp", "show", "--csv"], project, env).stdout
 
 
 @pytest.mark.integration

@@ -19,7 +19,7 @@ RUN_BY = {
     r"dvc plots diff \S+ \S+": "tests/test_pipeline.py::test_repro_then_experiment_then_metrics_diff (offline)",
     r"dvc plots show": "tests/test_pipeline.py::test_repro_then_experiment_then_metrics_diff (offline)",
     r"dvc exp run --queue -S model=\S+ -S seed=\S+": "tests/test_remote.py::test_a_sweep_queued_two_at_once_is_ranked_pushed_and_ranked_alike_on_another_machine",
-    r"dvc exp run --temp -S model=\S+ -S seed=\S+": "tests/test_remote.py::test_a_sweep_queued_two_at_once_is_ranked_pushed_and_ranked_alike_on_another_machine",
+    r"dvc exp run --temp -S model=\S+ -S seed=\S+": "tests/test_remote.py (run_sweep runs a task that DVC's queue race failed again this way)",
     r"dvc queue start -j \d": "tests/test_remote.py",
     r"dvc queue status": "tests/test_remote.py (wait_for_queue)",
     r"transferlab compare( \S+ \S+)?$": "tests/test_compare.py, tests/test_stages.py, tests/test_remote.py",
@@ -35,7 +35,7 @@ RUN_BY = {
     r"dvc exp push origin --rev HEAD": "tests/test_remote.py",
     r"dvc exp pull origin --rev HEAD": "tests/test_remote.py",
     r"TRANSFERLAB_DATA_MIRROR=\S+ dvc exp run -S model=efficientnet_lite0": "tests/test_real_data.py (the mirror, offline)",
-    r"dvc exp run -S train\.processes=2": "tests/test_distributed.py::test_processes_2_through_dvc_exp_run",
+    r"dvc exp run -S train\.processes=2": "tests/test_distributed.py::test_processes_2_through_dvc_exp_run_a_killed_process_stops_it_and_it_resumes",
     r"torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint \S+ -m transferlab\.stages\.train \w+":
         "tests/test_distributed.py::test_the_stage_runs_under_torchrun_as_on_two_machines (both agents here)",
     r"dvc commit -f train-finetune": "tests/test_distributed.py::test_the_stage_runs_under_torchrun_as_on_two_machines",

@@ -15,7 +15,7 @@ from conftest import ROOT, copy_project, pipeline_env, run
 from transferlab.fetching import MIRROR_ENV
 
 ARCHIVE = Path(os.environ.get("TRANSFERLAB_HYMENOPTERA", ROOT.parent / "shared/data/hymenoptera_data.zip"))
-EPOCHS = 5
+EPOCHS = 3  # finetune and extract 0.922 on this test split here (0.928 and 0.935 after 5)
 
 
 @pytest.mark.slow

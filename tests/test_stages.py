@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import copy_finished, copy_project, interrupt, pipeline_env, run
 
@@ -171,19 +172,40 @@ def test_damaged_caches_heal_themselves_under_dvc_repro(finished):
     run(["dvc", "checkout", "-q"], project, env)
 
 
-def test_sigterm_then_a_damaged_resume_state_starts_again_at_epoch_1(finished):
+def trained_scratch(project: Path) -> tuple[dict, dict]:
+    report = json.loads((project / "reports/train/scratch.json").read_text())
+    return report, torch.load(project / "models/scratch.pt", weights_only=True)["state_dict"]
+
+
+def test_sigterm_keeps_the_outputs_and_a_resumed_run_ends_as_one_started_afresh(finished):
+    """SIGTERM mid-training keeps the last good outputs and a resume state; the next run continues
+    after the last finished epoch. Interrupted again, its state damaged (as a crash or a full disk
+    might leave it), the next run starts again at epoch 1: it ends exactly where the resumed run did."""
     project, env, good = finished
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["scratch"]["epochs"] = 6
+    params["scratch"]["epochs"] = 3  # the signal comes in epoch 2 (a second of work here, against milliseconds)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    returncode, stderr = interrupt([sys.executable, "-m", "transferlab.stages.train", "scratch"], project, env,
-                                   "epoch 2/6")
+    train = [sys.executable, "-m", "transferlab.stages.train", "scratch"]
+    returncode, stderr = interrupt(train, project, env, "epoch 1/3")
     assert returncode == 143 and "interrupted by SIGTERM" in stderr
+    assert "unchanged, as the last finished run left them: models/scratch.pt, logs/scratch/" in stderr
+    assert snapshot(project) == good
+    assert len(cache_files(project / "data/cache/resume", "resume-scratch-*.pt")) == 1
+    assert "resuming after epoch" in run(train, project, env).stdout
+    assert not cache_files(project / "data/cache/resume", "resume-scratch-*"), "a finished run leaves none"
+    resumed, resumed_weights = trained_scratch(project)
+    assert (project / "logs/scratch/plots/metrics/val/acc.tsv").read_text().count("\n") == 4  # header + 3 epochs
+
+    returncode, _ = interrupt(train, project, env, "epoch 1/3")
     [state] = cache_files(project / "data/cache/resume", "resume-scratch-*.pt")
-    state.write_bytes(state.read_bytes()[:500])  # as a crash or a full disk might leave it
+    state.write_bytes(state.read_bytes()[:500])
     result = run(["dvc", "repro", "train-scratch"], project, env)
-    assert f"{state.relative_to(project)}: unreadable resume state" in result.stderr
-    assert "training starts again at epoch 1" in result.stderr and "epoch 6/6" in result.stdout
+    assert returncode == 143 and f"{state.relative_to(project)}: unreadable resume state" in result.stderr
+    assert "training starts again at epoch 1" in result.stderr and "epoch 3/3" in result.stdout
+    afresh, afresh_weights = trained_scratch(project)
+    for key in ("best_epoch", "best_val_accuracy", "best_val_loss", "epochs"):
+        assert resumed[key] == afresh[key], key
+    assert all(torch.equal(resumed_weights[k], afresh_weights[k]) for k in resumed_weights)
     restore_params(project)
     git(project, "checkout", "--", ".")
     run(["dvc", "checkout", "-q"], project, env)
@@ -215,20 +237,27 @@ def test_a_full_disk_says_so_and_keeps_the_outputs(finished, small_disk):
 
 
 def test_training_recipes_through_dvc_exp_run_and_compare_ranks_them(finished, tmp_path):
-    """fastai's fine_tune (head first, then unfrozen), partial freezing, discriminative lrs, an MLP
-    head, Adam and one-cycle, as a user sets them; evaluate reads the MLP head from the checkpoint."""
+    """fastai's fine_tune (head first, then unfrozen), partial freezing, discriminative lrs, Adam
+    and one-cycle for finetune, an MLP head for finetune and extract (which trains it on cached
+    embeddings), as a user sets them per mode (scratch does not run again); evaluate reads the MLP
+    heads from the checkpoints."""
     project, env, _ = finished
-    result = run(["dvc", "exp", "run", "-n", "recipes", "-S", "train.head=mlp", "-S", "train.head_hidden=[32]",
-                  "-S", "train.optimizer=adam", "-S", "train.scheduler=onecycle", "-S", "finetune.head_epochs=1",
-                  "-S", "finetune.freeze=0.5", "-S", "finetune.backbone_lr_factor=0.1"], project, env)
+    result = run(["dvc", "exp", "run", "-n", "recipes", "-S", "++finetune.head=mlp",
+                  "-S", "++finetune.head_hidden=[32]", "-S", "finetune.optimizer=adam",
+                  "-S", "finetune.scheduler=onecycle", "-S", "finetune.head_epochs=1",
+                  "-S", "finetune.freeze=0.5", "-S", "finetune.backbone_lr_factor=0.1",
+                  "-S", "++extract.head=mlp", "-S", "++extract.head_hidden=[32]"], project, env)
     assert "the head alone first, on the frozen backbone: 1 epochs" in result.stdout
+    assert "Stage 'train-scratch' didn't change, skipping" in result.stdout
     report = json.loads((project / "reports/train/finetune.json").read_text())
     assert report["epochs"] == 3 and 0 < report["trainable_parameters"] < report["parameters"]
-    checkpoint = __import__("torch").load(project / "models/finetune.pt", weights_only=True)
-    assert checkpoint["head"] == {"hidden": [32], "dropout": 0.5}
+    for mode in ("finetune", "extract"):
+        checkpoint = torch.load(project / f"models/{mode}.pt", weights_only=True)
+        assert checkpoint["head"] == {"hidden": [32], "dropout": 0.5}, mode
     out = run(["transferlab", "compare", "HEAD", "recipes", "--out", str(tmp_path)], project, env).stdout
     rows = json.loads((tmp_path / "leaderboard.json").read_text())
-    assert {(r["mode"], r["params"].get("train.head")) for r in rows} >= {("finetune", "linear"), ("finetune", "mlp")}
+    # HEAD's finetune has no head key of its own (it is train's, linear): a row each.
+    assert {(r["mode"], r["params"].get("finetune.head")) for r in rows} >= {("finetune", None), ("finetune", "mlp")}
     assert "recipes against HEAD" in out
     restore_params(project)
     git(project, "checkout", "--", ".")
