@@ -40,8 +40,9 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     cores, count, index = sorted(os.sched_getaffinity(0)), int(workers), int(worker.removeprefix("gw"))
     if len(cores) >= count:
-        os.sched_setaffinity(0, cores[index::count])
-        torch.set_num_threads(len(cores[index::count]))  # this process's pool was sized before
+        mine = cores[index::count]
+        os.sched_setaffinity(0, mine)
+        torch.set_num_threads(len(mine))  # this process's pool was sized before
 
 
 # Files a copy of the project needs to run the pipeline (what git tracks, minus outputs).

@@ -185,9 +185,8 @@ def test_processes_2_through_dvc_exp_run_a_killed_process_stops_it_and_it_resume
     for mode, report in one.items():
         two = json.loads((project / f"reports/train/{mode}.json").read_text())
         assert two["optimizer_steps_per_epoch"] == report["optimizer_steps_per_epoch"] > 1
-    # Extract trains the head on the same cached embeddings, on the same batches: the same run.
-    two = json.loads((project / "reports/train/extract.json").read_text())
-    assert two["best_val_loss"] == pytest.approx(one["extract"]["best_val_loss"], rel=1e-4)
+        if mode == "extract":  # the head on the same cached embeddings, on the same batches: the same run
+            assert two["best_val_loss"] == pytest.approx(report["best_val_loss"], rel=1e-4)
     assert sorted(p.name for p in (project / "models").iterdir()) == [
         ".gitignore", "extract.pt", "finetune.pt", "scratch.pt"]  # one set of outputs
     assert not list((project / "data/cache/resume").glob("*"))

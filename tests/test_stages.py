@@ -197,10 +197,11 @@ def test_sigterm_keeps_the_outputs_and_a_resumed_run_ends_as_one_started_afresh(
     assert (project / "logs/scratch/plots/metrics/val/acc.tsv").read_text().count("\n") == 4  # header + 3 epochs
 
     returncode, _ = interrupt(train, project, env, "epoch 1/3")
+    assert returncode == 143
     [state] = cache_files(project / "data/cache/resume", "resume-scratch-*.pt")
     state.write_bytes(state.read_bytes()[:500])
     result = run(["dvc", "repro", "train-scratch"], project, env)
-    assert returncode == 143 and f"{state.relative_to(project)}: unreadable resume state" in result.stderr
+    assert f"{state.relative_to(project)}: unreadable resume state" in result.stderr
     assert "training starts again at epoch 1" in result.stderr and "epoch 3/3" in result.stdout
     afresh, afresh_weights = trained_scratch(project)
     for key in ("best_epoch", "best_val_accuracy", "best_val_loss", "epochs"):
