@@ -27,13 +27,16 @@ lint: install
 # module's tests stay together on one worker, the longest modules handed out first.
 PYTEST := python -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
-# Everything CI runs: the three tiers below.
+# Everything CI runs: the three tiers below. A test whose verdict is read from timings (marked
+# timing) runs afterwards, alone: a parallel worker's load would be noise to it.
 test: install
-	$(PYTEST)
+	$(PYTEST) -m "not timing"
+	python -m pytest -m timing
 
 # Library modules on small generated data, no external tool.
 test-unit: install
-	$(PYTEST) -m "not integration and not slow"
+	$(PYTEST) -m "not integration and not slow and not timing"
+	python -m pytest -m "timing and not integration and not slow"
 
 # Through the real tools: DVC, torchrun, moto's S3 server, a tmpfs full disk.
 test-integration: install

@@ -7,6 +7,7 @@ from torch import nn
 from transferlab.hardware import MIN_MARGIN, Workload, decide, pick_fastest, pick_hardware
 
 
+@pytest.mark.timing  # its verdict is read from timings: make test runs it alone
 def test_candidates_that_cost_the_same_decide_the_simplest_every_time(tmp_path):
     """Layout and bf16 buy a linear probe on flat inputs nothing (they only add copies and casts):
     five fresh measurements must all keep fp32 in the plain layout, not follow the noise."""
