@@ -52,8 +52,9 @@ def main() -> None:
         hw = decide(pick_hardware("cpu", "auto", "auto", 0), work, Path(tempfile.mkdtemp()), [args.model])
         seconds.append(time.perf_counter() - start)
         decisions.append((hw.decision["chosen"], hw.decision["margin"]))
-        print(f"decided {hw.decision['chosen']} (margin {hw.decision['margin']:.1%}, "
-              f"noise {hw.decision['seconds_per_image']['noise']:.1%}) in {seconds[-1]:.0f} s", flush=True)
+        measured = hw.decision["seconds_per_image"]
+        print(f"decided {hw.decision['chosen']} after {len(next(t for t in measured['samples'].values() if t))} "
+              f"rounds (largest spread {max(measured['spread'].values()):.1%}) in {seconds[-1]:.0f} s", flush=True)
     candidates = candidate_settings(pick_hardware("cpu", "auto", "auto", 0), ["precision", "channels_last"])
     steady = {name: steady_images_per_second(built.model, s, crop, args.steps) for name, s in candidates.items()}
     print(f"\n{args.model} {args.mode}, torch {torch.__version__}, {torch.get_num_threads()} threads")

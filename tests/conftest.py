@@ -46,7 +46,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # Files a copy of the project needs to run the pipeline (what git tracks, minus outputs).
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "curves/dvc.yaml", "curves/params.yaml", "pyproject.toml", "src",
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "curves/pipeline.yaml", "curves/params.yaml", "pyproject.toml", "src",
                  ".dvc/config", ".dvc/.gitignore", ".dvc/plots", ".dvcignore", ".gitignore"]
 
 

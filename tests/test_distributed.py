@@ -1,4 +1,6 @@
 """Data-parallel training (train.processes): two processes against one, and through DVC."""
+import ast
+import contextlib
 import json
 import os
 import re
@@ -12,12 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import yaml
 from conftest import CLASS_COLORS, copy_finished, make_image, run
 from torch import nn
 
+from transferlab import distributed
 from transferlab.data import ImageSource
-from transferlab.distributed import SINGLE, World, backend_for, spawn
+from transferlab.distributed import SINGLE, World, spawn
 from transferlab.engine import fit, make_optimizer, seed_everything
 from transferlab.errors import UserError
 from transferlab.features import feature_loaders
@@ -41,27 +45,62 @@ def test_the_shares_of_a_batch_cover_it_once(n, size):
     assert rows == list(range(n))
 
 
-def served_devices(backend: str) -> set[str]:
-    """The device types whose tensors a process-group backend string moves."""
-    if ":" in backend:  # "cpu:gloo,cuda:nccl"
-        return {pair.split(":")[0] for pair in backend.split(",")}
-    return {"cpu", "cuda"} if backend == "gloo" else {"cuda"}  # nccl: CUDA tensors only
+# What distributed.py calls on torch.distributed that is no collective: the group's own lifecycle.
+NOT_COLLECTIVES = {"init_process_group", "destroy_process_group", "is_initialized"}
 
 
-@pytest.mark.parametrize("cuda", [False, True])
-def test_every_collective_runs_on_a_backend_that_moves_its_tensors(monkeypatch, cuda):
-    """A recording process group: the tensors World's collectives hand to torch.distributed must
-    live on a device the run's backend serves (nccl alone would fail on the CPU stats at epoch end)."""
-    import torch.distributed as dist
+def collectives_called() -> set[str]:
+    """Every `dist.NAME(...)` that distributed.py calls, less the group's lifecycle: read from its
+    source, so that a collective added there is one this test must record."""
+    tree = ast.parse(Path(distributed.__file__).read_text())
+    return {node.func.attr for node in ast.walk(tree) if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "dist"} - NOT_COLLECTIVES
 
-    devices = []
-    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *args, **kwargs: devices.append(tensor.device.type))
-    world = World(rank=0, size=2)
-    world.sum([1.0, 2.0])
-    world.mean_scale(3, torch.device("cpu"))
-    assert devices == ["cpu", "cpu"]
-    assert set(devices) <= served_devices(backend_for(cuda))
-    assert "cuda" in served_devices(backend_for(True))  # DDP's gradients, and mean_scale on a GPU
+
+def backend_chosen(monkeypatch, device: str) -> str:
+    """The backend that distributed._init hands torch for a run on `device` (no group is made)."""
+    chosen = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: chosen.append(backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    distributed._init(World(0, 2, 0, 2), "env://", device)
+    return chosen[0]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_every_collective_runs_on_a_backend_that_moves_its_tensors(monkeypatch, device):
+    """Each collective World calls, and DDP's gradient all-reduce, records the devices of the tensors
+    it hands torch.distributed; each must be one that torch says the run's backend serves (nccl
+    alone would fail on the epoch's CPU statistics). On a CUDA run the loss count and the model
+    are on the GPU: fake tensors stand for them where there is none."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    backend = backend_chosen(monkeypatch, device)
+    served = set(dist.BackendConfig(backend).get_device_backend_map())
+    calls = []
+
+    def recorder(name):
+        def record(*args, **kwargs):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            calls.append((name, {t.device.type for t in tensors}))
+        return record
+    for name in collectives_called():
+        monkeypatch.setattr(dist, name, recorder(name))
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", lambda module, device_ids: calls.append(
+        ("DistributedDataParallel", {p.device.type for p in module.parameters()})))
+    world, here = World(rank=0, size=2), torch.device(device, 0) if device == "cuda" else torch.device("cpu")
+    world.sum([1.0, 2.0])  # the epoch's statistics: on the CPU whatever the device
+    world.broadcast({"seed": 1})
+    world.gather({"rows": 3})
+    world.barrier()
+    with FakeTensorMode() if device == "cuda" else contextlib.nullcontext():
+        world.mean_scale(3, here)
+        world.wrap(nn.Linear(2, 2, device=here), here)
+    assert {name for name, _ in calls} == collectives_called() | {"DistributedDataParallel"}
+    assert {"cpu", device} <= set().union(*(devices for _, devices in calls))
+    for name, devices in calls:
+        assert devices <= served, f"{name} hands {devices} tensors to {backend}, which serves {served}"
 
 
 def tiny_net() -> nn.Module:  # no BatchNorm: its statistics are each process's own, by design

@@ -1,7 +1,9 @@
+import errno
 import hashlib
 import http.server
 import io
 import json
+import os
 import tarfile
 import threading
 import zipfile
@@ -12,6 +14,7 @@ from conftest import make_dataset
 
 from transferlab import fetching
 from transferlab.fetching import MIRROR_ENV, FetchError, fetch, resolve_source
+from transferlab.files import DiskFullError
 
 
 def zip_folder(folder: Path, archive: Path, top: str = "hymenoptera_data") -> Path:
@@ -205,3 +208,33 @@ def test_no_network_at_all(tmp_path, monkeypatch):
     with pytest.raises(FetchError, match="download failed"):
         fetch("http://127.0.0.1:9/hymenoptera_data.zip", tmp_path / "raw")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("code, error, words", [
+    (errno.ENOSPC, DiskFullError, r"raw: no space left on .*nothing was written\. Free some space there"),
+    (errno.EACCES, FetchError, r"raw: Permission denied: .*download; nothing was changed\..*write in the other"),
+    (errno.EROFS, FetchError, r"raw: Read-only file system: .*download; nothing was changed"),
+])
+def test_a_local_write_failure_is_not_tried_again_and_keeps_the_previous_copy(
+        tmp_path, server, archive, monkeypatch, capfd, code, error, words):
+    """Writing the downloaded file fails here, not on the network: no attempt mends a full disk or
+    a folder this user may not write, so one request, the disk or permission message at once, and
+    data/raw as it was, with nothing half-written beside it."""
+    if code == errno.ENOSPC and not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here (Linux's always-full device)")
+    out = tmp_path / "data" / "raw"
+    fetch(str(archive), out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+
+    def open_refused(file, mode="r", *args, **kwargs):  # the download's file alone
+        if Path(file).name != "download" or "w" not in mode:
+            return open(file, mode, *args, **kwargs)
+        if code == errno.ENOSPC:
+            return open("/dev/full", mode, *args, **kwargs)  # the kernel's own ENOSPC, on a real write
+        raise OSError(code, os.strerror(code), str(file))
+    monkeypatch.setattr(fetching, "open", open_refused, raising=False)
+    with pytest.raises(error, match=words):
+        fetch(f"{server}/data/hymenoptera_data.zip", out)
+    assert len(_Handler.requests) == 1 and "trying again" not in capfd.readouterr().err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["raw"]  # no temporary left

@@ -22,7 +22,7 @@ def test_light_stages_start_without_torch():
 
 def test_stages_that_train_and_score_efficientnet_lite0_start_without_torchvision():
     """Importing torchvision costs each stage process a second or more; lite0 does not need it."""
-    code = ("import sys, transferlab.stages.train, transferlab.stages.evaluate, transferlab.stages.curve; "
+    code = ("import sys, transferlab.stages.train, transferlab.stages.evaluate, transferlab.stages.curve_point; "
             "from transferlab.models import build_for_mode; build_for_mode('efficientnet_lite0', 2, 'scratch'); "
             "print('torchvision' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

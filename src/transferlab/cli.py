@@ -3,6 +3,7 @@
     transferlab cache [--prune DAYS]      # what the cache holds; delete what was unused for DAYS
     transferlab compare                   # every experiment of this baseline -> leaderboard.{md,json,png}
     transferlab compare main my-exp       # does my-exp beat main, by how much, and how sure?
+    transferlab curve                     # the learning curve: curves/params.yaml's points, then its summary
     transferlab predict models/finetune.pt photos/ --csv out.csv --grid out.png
     transferlab export models/finetune.pt --out model.onnx
 """
@@ -64,6 +65,30 @@ def compare(args: argparse.Namespace) -> int:
                   f"{mode['only_b_right']}): {mode['verdict']} (paired test p = {mode['p_value']:.3g})")
     print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
+
+
+CURVE_PIPELINE, CURVE_DVC_YAML = Path("curves/pipeline.yaml"), Path("curves/dvc.yaml")
+
+
+def curve(args: argparse.Namespace) -> int:
+    """Run the learning curve: every point curves/params.yaml lists that has not run yet, then
+    its summary (`dvc repro curves/dvc.yaml`, with any further arguments given to it).
+
+    The curve's stages are written to curves/dvc.yaml (from curves/pipeline.yaml) only now: DVC
+    reads every dvc.yaml in a project, so one there from the start would make a plain `dvc status`
+    or `dvc plots show` after `dvc repro` report a curve nobody asked for."""
+    import subprocess
+
+    if not CURVE_PIPELINE.exists():
+        raise UserError(f"{CURVE_PIPELINE} is missing: run transferlab curve from the project's root folder")
+    pipeline = CURVE_PIPELINE.read_text()
+    if not CURVE_DVC_YAML.exists() or CURVE_DVC_YAML.read_text() != pipeline:
+        print(f"writing {CURVE_DVC_YAML} from {CURVE_PIPELINE}", file=sys.stderr)
+        from transferlab.files import atomic_writer
+
+        with atomic_writer(CURVE_DVC_YAML) as f:
+            f.write(pipeline)
+    return subprocess.run(["dvc", "repro", str(CURVE_DVC_YAML), *args.dvc_args]).returncode
 
 
 def predict(args: argparse.Namespace) -> int:
@@ -134,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "of the current baseline, as dvc exp show lists them)")
     ranking.add_argument("--out", default=".", help="folder for leaderboard.md/.json/.png (default: here)")
     ranking.set_defaults(run=compare)
+    curving = verbs.add_parser("curve", help="run the learning curve (dvc repro curves/dvc.yaml)",
+                               description=curve.__doc__ + "\n\nexamples:\n  transferlab curve\n"
+                               "  transferlab curve --dry", formatter_class=argparse.RawDescriptionHelpFormatter)
+    curving.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed on to dvc repro")
+    curving.set_defaults(run=curve)
     classify = verbs.add_parser("predict", help="classify images with a trained checkpoint",
                                 description=predict.__doc__ + "\n\nexample: transferlab predict models/finetune.pt "
                                 "photos/ 'more/*.jpg' --csv predictions.csv --grid predictions.png",

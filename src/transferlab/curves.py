@@ -1,45 +1,20 @@
-"""Learning curves: test accuracy against training images per class, one line per mode, over seeds;
-what ImageNet weights are worth in images (the transfer dividend), and from which size a frozen
-backbone stops being enough.
-
-A point trains one mode on a nested, seeded subset of the training split and scores it on the
-whole test split; val and test are the same at every point. Its training budget is a number of
-optimizer steps, not of epochs (BiT's rule for small datasets is a fixed number of steps): each
-epoch takes as many images as an epoch of all the training images, so the subset is seen several
-times an epoch, and every point is validated `epochs` times. With fixed epochs (`budget: epochs`)
-a point of 2 images per class would take a tenth of the steps of one of 20.
+"""Learning curves, the summary: test accuracy against training images per class, one line per
+mode, over seeds; what ImageNet weights are worth in images (the transfer dividend), and from
+which size a frozen backbone stops being enough. Every claim rests on the paired test over seeds
+and test images that `transferlab compare` uses (metrics.paired_difference). What a point runs is
+in curve_point.py.
 """
 from __future__ import annotations
 
 import math
-import random
 from collections import defaultdict
 
 import numpy as np
 
-from transferlab.images import Sample
 from transferlab.metrics import bootstrap_interval, holm, paired_difference, verdict
 from transferlab.params import MODES
-from transferlab.splits import per_class_subset
 
 TRANSFER_MODES = ("finetune", "extract")
-
-
-def training_rows(train: list[Sample], per_class: int | None, seed: int, budget: str) -> tuple[list[int], dict]:
-    """Indices into `train` that one epoch of a point takes, and what the subset drew.
-
-    budget "steps": the subset of `per_class` images per class, repeated (the remainder drawn with
-    `seed`) to as many rows as `train` has: the same optimizer steps per epoch at every size.
-    budget "epochs": the subset once.
-    """
-    subset, drawn = per_class_subset(train, per_class, seed)
-    index = {s.path: i for i, s in enumerate(train)}
-    rows = [index[s.path] for s in subset]
-    if budget == "epochs":
-        return rows, {**drawn, "passes_per_epoch": 1}
-    passes, rest = divmod(len(train), len(rows))
-    extra = random.Random(seed).sample(rows, rest)
-    return rows * passes + extra, {**drawn, "passes_per_epoch": round(len(train) / len(rows), 3)}
 
 
 def images_per_class(drawn: dict) -> float:
@@ -64,7 +39,7 @@ def table(points: list[dict]) -> list[dict]:
                      "ci95_low": low, "ci95_high": high,
                      "accuracy_per_seed": [float(r.mean()) for r in right],
                      "classes_with_fewer": members[0]["drawn"]["classes_with_fewer"]})
-    return sorted(rows, key=lambda row: (row["mode"], row["x"]))
+    return sorted(rows, key=lambda row: (MODES.index(row["mode"]), row["x"]))
 
 
 def line(rows: list[dict], mode: str) -> list[tuple[float, float]]:
@@ -86,54 +61,74 @@ def images_to_reach(curve: list[tuple[float, float]], accuracy: float) -> tuple[
     return ">", x0
 
 
-def dividend(rows: list[dict]) -> list[dict]:
-    """At each size, how many images per class scratch needs to match each transfer mode."""
-    scratch = line(rows, "scratch")
-    result = []
-    for mode in TRANSFER_MODES:
-        for x, accuracy in line(rows, mode) if scratch else []:
-            relation, needed = images_to_reach(scratch, accuracy)
-            result.append({"mode": mode, "x": x, "accuracy": accuracy, "scratch_needs": relation, "images": needed,
-                           "factor": needed / x, "says": dividend_sentence(mode, x, accuracy, relation, needed)})
-    return result
-
-
-def dividend_sentence(mode: str, x: float, accuracy: float, relation: str, needed: float) -> str:
-    at = f"at {x:g} images per class, {mode} ({accuracy:.1%})"
-    if relation == ">" and needed <= x:
-        return f"{at}: scratch does not reach it with all the {needed:g} per class there are"
-    if relation == ">":
-        return (f"{at}: scratch needs more than the {needed:g} per class there are, so ImageNet weights are "
-                f"worth at least {needed / x:.1f}x the data")
-    if relation == "<=":
-        return f"{at}: scratch reaches it with {needed:g} per class or fewer: no dividend measurable here"
-    if needed <= x:
-        return f"{at}: scratch reaches it with about {needed:.0f} per class: no dividend"
-    return (f"{at}: scratch needs about {needed:.0f} per class, so ImageNet weights are worth about "
-            f"{needed / x:.1f}x the data")
-
-
-def crossover(points: list[dict], rows: list[dict]) -> dict:
-    """The smallest size at which finetune beats extract: at each size both have, issue 22's
-    paired test over seeds and test images, Holm-adjusted over the sizes (one question asked at
-    each size); "never" if no size shows it."""
-    sizes = sorted({(row["x"], row["images_per_class"]) for row in rows if row["mode"] == "finetune"}
-                   & {(row["x"], row["images_per_class"]) for row in rows if row["mode"] == "extract"})
-    if not sizes:
-        return {"from_images_per_class": None, "says": "no crossover: it needs finetune and extract in curve.modes",
-                "tests": []}
+def size_tests(points: list[dict], rows: list[dict], better: str, than: str) -> list[dict]:
+    """At each size both modes have, smallest first: is `better` better than `than`? The paired
+    test over seeds and test images, Holm-adjusted over the sizes (one question asked at each),
+    with its verdict."""
+    sizes = {(row["x"], row["images_per_class"]) for row in rows if row["mode"] == better} \
+        & {(row["x"], row["images_per_class"]) for row in rows if row["mode"] == than}
     tests = []
-    for x, size in sizes:
+    for x, size in sorted(sizes, key=lambda pair: pair[0]):
         a, b = (right_matrix([p for p in points if p["mode"] == mode and p["images_per_class"] == size])
-                for mode in ("finetune", "extract"))
+                for mode in (better, than))
         tests.append({"x": x, "images_per_class": size, **paired_difference(a, b), "seeds": min(len(a), len(b))})
     for test, adjusted in zip(tests, holm([t["p_value"] for t in tests])):
         test["p_adjusted"] = adjusted
         test["verdict"] = verdict(test["gap"], adjusted, test["seeds"], test["seeds_needed"])
+    return tests
+
+
+def dividend(points: list[dict], rows: list[dict]) -> list[dict]:
+    """At each size, how many images per class scratch needs to match each transfer mode; stated
+    only where the paired test shows the transfer mode better than scratch at that size."""
+    scratch = line(rows, "scratch")
+    accuracy = {(row["mode"], row["x"]): row["accuracy"] for row in rows}
+    result = []
+    for mode in TRANSFER_MODES if scratch else ():
+        for test in size_tests(points, rows, mode, "scratch"):
+            x, reached = test["x"], accuracy[mode, test["x"]]
+            relation, needed = images_to_reach(scratch, reached)
+            shown = test["verdict"] == "better"
+            result.append({"mode": mode, "x": x, "accuracy": reached, "scratch_accuracy": accuracy["scratch", x],
+                           "verdict": test["verdict"], "p_adjusted": test["p_adjusted"],
+                           "scratch_needs": relation if shown else None, "images": needed if shown else None,
+                           "factor": needed / x if shown else None,
+                           "says": dividend_sentence(mode, x, reached, relation, needed) if shown
+                           else unshown_sentence(mode, x, reached, accuracy["scratch", x], test)})
+    return result
+
+
+def unshown_sentence(mode: str, x: float, accuracy: float, scratch: float, test: dict) -> str:
+    return (f"at {x:g} images per class, {mode} ({accuracy:.1%}) against scratch ({scratch:.1%}): "
+            f"{test['verdict']} (p = {test['p_adjusted']:.3g}), so no dividend is measured there")
+
+
+def dividend_sentence(mode: str, x: float, accuracy: float, relation: str, needed: float) -> str:
+    at = f"at {x:g} images per class, {mode} ({accuracy:.1%}) is better than scratch"
+    if relation == ">" and needed <= x:
+        return f"{at}, which does not reach it with all the {needed:g} per class there are"
+    if relation == ">":
+        return (f"{at}, which needs more than the {needed:g} per class there are to reach it: ImageNet weights "
+                f"are worth more than {needed / x:.1f}x the data")
+    if relation == "<=":
+        return f"{at} at that size, though scratch's mean reaches it with {needed:g} per class or more"
+    if needed <= x:
+        return f"{at} at that size, though scratch's curve reaches it at about {needed:.0f} per class"
+    return (f"{at}, which needs about {needed:.0f} per class to reach it: ImageNet weights are worth about "
+            f"{needed / x:.1f}x the data")
+
+
+def crossover(points: list[dict], rows: list[dict]) -> dict:
+    """The smallest size at which finetune beats extract, by the paired test at each size both
+    have (Holm-adjusted over the sizes); "never" if no size shows it."""
+    tests = size_tests(points, rows, "finetune", "extract")
+    if not tests:
+        return {"from_images_per_class": None, "says": "no crossover: it needs finetune and extract in curve.modes",
+                "tests": []}
     better = [t for t in tests if t["verdict"] == "better"]
-    largest = max((x for x, _ in sizes), default=0)
     says = (f"finetune first beats extract at {better[0]['x']:g} images per class" if better
-            else f"a frozen backbone (extract) is enough: finetune never beats it, up to {largest:g} images per class")
+            else f"a frozen backbone (extract) is enough: finetune never beats it, up to {tests[-1]['x']:g} "
+                 f"images per class")
     return {"from_images_per_class": better[0]["x"] if better else None, "says": says, "tests": tests}
 
 
@@ -142,18 +137,28 @@ def right_matrix(points: list[dict]) -> np.ndarray:
     return np.array([[c == "1" for c in p["right"]] for p in points], dtype=float)
 
 
-def markdown(rows: list[dict], dividends: list[dict], cross: dict) -> str:
-    """The curve as a table (accuracy and 95% interval per mode and size), then what it says."""
+def markdown(rows: list[dict], dividends: list[dict], cross: dict, merged: dict | None = None) -> str:
+    """The curve as a table (accuracy and 95% interval per mode and size), then what it says.
+    `merged`: sizes that drew every training image, by the size they are the same as."""
     modes = sorted({row["mode"] for row in rows}, key=MODES.index)
-    sizes = sorted({(row["x"], row["images_per_class"]) for row in rows})
+    sizes = sorted({(row["x"], row["images_per_class"]) for row in rows}, key=lambda pair: pair[0])
     cell = {(row["mode"], row["images_per_class"]): row for row in rows}
+    merged = merged or {}
     lines = ["| images per class | " + " | ".join(modes) + " |", "|---:|" + "---|" * len(modes)]
     for x, size in sizes:
         label = f"{x:g}" if size != "all" else f"all ({x:g})"
-        cells = [f"{c['accuracy']:.3f} [{c['ci95_low']:.3f}, {c['ci95_high']:.3f}] ({len(c['seeds'])} seeds)"
+        if size == "all" and merged.get("all"):
+            label += " = " + ", ".join(str(n) for n in merged["all"])
+        cells = [f"{c['accuracy']:.3f} [{c['ci95_low']:.3f}, {c['ci95_high']:.3f}] ({_seeds(len(c['seeds']))})"
                  if (c := cell.get((mode, size))) else "" for mode in modes]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Test accuracy, mean over seeds; in brackets the 95% interval over seeds and test images.", ""]
+    for same, sizes_merged in merged.items():
+        listed = ", ".join(str(n) for n in sizes_merged)
+        lines.append(f"- {listed} per class draw every training image (no class has more): the same training as "
+                     f"all, which is their row" if same == "all" else
+                     f"- {listed} per class draw every training image (no class has more); add all to "
+                     f"curve.images_per_class to train that point")
     short = {row["images_per_class"]: row["classes_with_fewer"] for row in rows if row["classes_with_fewer"]}
     lines += [f"- at {size} per class, classes with fewer train on all they have: "
               + ", ".join(f"{label} {n}" for label, n in fewer.items()) for size, fewer in short.items()]
@@ -161,6 +166,19 @@ def markdown(rows: list[dict], dividends: list[dict], cross: dict) -> str:
                                                        "in curve.modes"]
     lines += [f"- {cross['says']}"]
     return "\n".join(lines) + "\n"
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
+def merge_everything(points: list[dict], sizes: list) -> tuple[list[dict], dict]:
+    """Points that train, and the sizes whose points drew every training image (the `all` point's
+    training, which they did not repeat): {"all": [sizes]} where all is among `sizes`, else
+    {None: [sizes]}."""
+    same = sorted({p["images_per_class"] for p in points if p.get("same_as") == "all"})
+    trained = [p for p in points if p.get("same_as") != "all"]
+    return trained, ({"all" if "all" in sizes else None: same} if same else {})
 
 
 def seconds(points: list[dict]) -> dict:

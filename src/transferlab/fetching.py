@@ -5,6 +5,8 @@ the new copy is complete, so a failed fetch leaves the previous one (or nothing)
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import http.client
 import os
@@ -18,6 +20,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
+from typing import Iterator
 
 from tqdm import tqdm
 
@@ -57,11 +60,15 @@ def fetch(url: str, out_dir: str | Path, sha256: str | None = None, mirror: str 
     """Fetch `url` (archive or ImageFolder directory) into `out_dir`; return what was fetched, and
     write it as JSON to `record` in the same step as the swap (neither changes without the other)."""
     out_dir = Path(out_dir)
-    source = resolve_source(url, mirror)
+    with no_space_message(out_dir), _access_message(out_dir):
+        return _fetch(url, resolve_source(url, mirror), out_dir, sha256, record)
+
+
+def _fetch(url: str, source: str, out_dir: Path, sha256: str | None, record: str | Path | None) -> dict:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir.parent)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.{os.getpid()}.",
-                                     suffix=".tmp") as work, no_space_message(out_dir):
+                                     suffix=".tmp") as work:
         work = Path(work)
         path = local_path(source)
         if path is not None and path.is_dir():
@@ -85,6 +92,24 @@ def fetch(url: str, out_dir: str | Path, sha256: str | None = None, mirror: str 
             if record is not None:
                 write_json(record, info)
     return info
+
+
+# A folder or file this user may not write (or read), or a read-only disk: no attempt mends it.
+_ACCESS_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+@contextlib.contextmanager
+def _access_message(out_dir: Path) -> Iterator[None]:
+    """Turn a refused read or write into a FetchError saying which path and what to do."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _ACCESS_DENIED:
+            raise
+        raise FetchError(f"{out_dir}: {err.strerror}: {err.filename}; nothing was changed. fetch reads "
+                         f"data.url's source and writes a temporary copy in {out_dir.parent}: let this user "
+                         f"read the one and write in the other (`ls -ld {out_dir.parent}` shows its owner "
+                         f"and mode), or run the stage in a copy of the project it can write") from None
 
 
 # Seconds to wait before each further attempt: a dropped connection, a timeout or a 5xx is often
@@ -112,25 +137,41 @@ def download(source: str, dest: Path, url: str) -> Path:
 
 
 def _download_once(source: str, dest: Path, url: str) -> Path:
+    """One attempt. Only the network's faults are _Transient: a write that fails here (a full disk,
+    a folder this user may not write) propagates at once, since another attempt cannot mend it."""
+    with _network_faults(source, url):
+        response = urllib.request.urlopen(source, timeout=60)
+    with response, open(dest, "wb") as f, tqdm(total=_length(response), unit="B", unit_scale=True,
+                                               desc=f"download {dest.name}", disable=None) as bar:
+        while True:
+            with _network_faults(source, url):
+                chunk = response.read(1 << 20)
+            if not chunk:
+                break
+            f.write(chunk)
+            bar.update(len(chunk))
+    expected, received = _length(response), dest.stat().st_size
+    if expected is not None and received != expected:
+        raise _Transient(f"download cut off after {received} of {expected} bytes")
+    return dest
+
+
+def _length(response) -> int | None:
+    return int(response.headers.get("Content-Length") or 0) or None
+
+
+@contextlib.contextmanager
+def _network_faults(source: str, url: str) -> Iterator[None]:
+    """Around a call that talks to the server: a dropped connection, a timeout, a 5xx or a 429 is
+    _Transient; any other HTTP status a FetchError at once."""
     try:
-        with urllib.request.urlopen(source, timeout=60) as response:
-            expected = int(response.headers.get("Content-Length") or 0) or None
-            received = 0
-            with open(dest, "wb") as f, tqdm(total=expected, unit="B", unit_scale=True,
-                                             desc=f"download {Path(dest).name}", disable=None) as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
+        yield
     except urllib.error.HTTPError as err:
         if err.code >= 500 or err.code == 429:  # the server's trouble, or "slow down"
             raise _Transient(f"HTTP {err.code} {err.reason}") from None
         raise FetchError(f"{source}: HTTP {err.code} {err.reason}{_advice(url)}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
         raise _Transient(f"download failed ({getattr(err, 'reason', err)})") from None
-    if expected is not None and received != expected:
-        raise _Transient(f"download cut off after {received} of {expected} bytes")
-    return dest
 
 
 def _advice(url: str) -> str:

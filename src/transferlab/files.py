@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -54,7 +55,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"))
-    tmp.chmod(0o777 & ~umask())  # mkdtemp makes it 0700
+    # mkdtemp makes it 0700; make it what mkdir would: the umask's mode, and the setgid bit inherited
+    # from a setgid parent (a shared folder's group carries on down). swap_in keeps a replaced one's.
+    tmp.chmod((0o777 & ~umask()) | (tmp.stat().st_mode & stat.S_ISGID))
     try:
         with no_space_message(path):
             yield tmp
@@ -71,11 +74,13 @@ def swap_in(new: Path, target: Path) -> None:
     """Replace folder `target` with folder `new` (same filesystem). On Linux one atomic exchange:
     no moment without a `target`. Elsewhere two renames, the old folder parked as
     `.<target>.<pid>.old.tmp` between them: a crash there leaves it, and `remove_stale_temps`
-    puts it back rather than delete it."""
-    if target.exists() and _exchange(new, target):  # `new` now holds the old folder
-        fsync_dir(target.parent)
-        remove(new)
-        return
+    puts it back rather than delete it. `new` takes the old folder's mode and group."""
+    if target.exists():
+        keep_mode(target, new)
+        if _exchange(new, target):  # `new` now holds the old folder
+            fsync_dir(target.parent)
+            remove(new)
+            return
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.{os.getpid()}{OLD_SUFFIX}")
@@ -84,6 +89,16 @@ def swap_in(new: Path, target: Path) -> None:
     fsync_dir(target.parent)
     if old is not None:
         remove(old)
+
+
+def keep_mode(old: Path, new: Path) -> None:
+    """Give folder `new` the group and mode bits of `old` (setgid included: in a shared project a
+    folder's files inherit its group), as far as this user may set them."""
+    before = old.stat()
+    if new.stat().st_gid != before.st_gid:
+        with contextlib.suppress(PermissionError):  # a group this user is not in
+            os.chown(new, -1, before.st_gid)
+    new.chmod(stat.S_IMODE(before.st_mode))  # after chown, which may clear setgid
 
 
 OLD_SUFFIX = ".old.tmp"
@@ -150,13 +165,16 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def remove_stale_temps(folder: str | Path) -> list[Path]:
-    """Delete temporary files and folders in `folder` left by writers that are no longer running;
-    an old folder parked by a swap that died half-way goes back to its place if that is empty."""
+def remove_stale_temps(folder: str | Path, only: str | None = None) -> list[Path]:
+    """Delete temporary files and folders in `folder` left by writers that are no longer running
+    (only those for the file or folder named `only`, if given); an old folder parked by a swap that
+    died half-way goes back to its place if that is empty."""
     removed = []
     for tmp in Path(folder).glob(".*.tmp"):
         pid = _writer_pid(tmp.name)
         if pid is None or pid == os.getpid() or _alive(pid):
+            continue
+        if only is not None and _target_name(tmp.name) != only:
             continue
         target = _parked_for(tmp)
         if target is not None and not os.path.lexists(target):
@@ -175,6 +193,10 @@ def _parked_for(tmp: Path) -> Path | None:
         return None
     name_and_pid = tmp.name[1:-len(OLD_SUFFIX)]  # ".<target>.<pid>.old.tmp"
     return tmp.with_name(name_and_pid.rsplit(".", 1)[0])
+
+
+def _target_name(name: str) -> str:
+    return ".".join(name.split(".")[1:-3])  # see _writer_pid
 
 
 def _writer_pid(name: str) -> int | None:

@@ -6,9 +6,10 @@ no device branches.
 batch 8 autocast adds cast kernels and channels-last slows depthwise convolutions). Each candidate
 first runs every batch shape the run will meet (so first-call costs, such as cuDNN's autotuning,
 are paid here and not mid-epoch), within a time box that drops a candidate that stalls; then the
-candidates take turns, round after round, and each is scored by its median. A less precise or less
-common candidate wins only by more than the measurement's own spread (at least 5%): two fresh
-runs on one machine then decide alike. The winner and every candidate's timing are recorded in
+candidates take turns, in rounds shuffled afresh, each timing sample long enough to rise above
+the timer's noise. A less precise or less common candidate wins only when it beats the simplest
+by more than 5% in significantly many rounds (a sign test on paired ratios): a tie, or a gain
+the rounds cannot show, keeps the simpler setting. The winner and every candidate's timings are recorded in
 the stage's report, and cached by device, torch version, model and batch shapes, so a re-run
 does not measure again. An explicit setting in params.yaml is used as given.
 """
@@ -19,7 +20,9 @@ import copy
 import ctypes
 import hashlib
 import json
+import math
 import platform
+import random
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from scipy.stats import binomtest
 from torch import nn
 
 from transferlab.errors import UserError, warn
@@ -134,7 +138,7 @@ class Workload:
 
 
 INPUT_PATHS = {"DataLoader + PIL": False, "tensor batches": True}
-DECISION_FORMAT = 2  # 2: interleaved rounds, medians and their noise (1: three steps each, one after the other)
+DECISION_FORMAT = 3  # 3: shuffled rounds, every sample kept, a sign test (2: rotated rounds, medians and noise)
 
 
 def decide(hw: Hardware, work: Workload, cache_dir: Path, key_parts: list,
@@ -157,20 +161,20 @@ def decide(hw: Hardware, work: Workload, cache_dir: Path, key_parts: list,
     if measured_now:
         # Measuring draws random numbers; the run's own draws must not depend on whether it did.
         with torch.random.fork_rng(devices=[hw.device] if hw.device.type == "cuda" else []):
-            model_times, noise = time_candidates(hw, candidates, work) if candidates else ({}, 0.0)
-            cached = {"model": model_times, "noise": noise,
+            samples = time_candidates(hw, candidates, work) if candidates else {}
+            cached = {"model": {name: statistics.median(t) if t else None for name, t in samples.items()},
+                      "samples": samples,
+                      "spread": {name: round(relative_spread(t), 4) for name, t in samples.items() if t},
                       "inputs": {name: input_seconds(tensor) for name, tensor in INPUT_PATHS.items()}
                       if measure_inputs else {}}
         write_json(path, cached)
     decision = {"seconds_per_image": cached, "measured_now": measured_now, "cache": str(path)}
     if candidates:
-        usable = {name: t for name, t in cached["model"].items() if t is not None}
-        if not usable:
+        if not any(cached["samples"].values()):
             raise UserError(f"every candidate setting failed or stalled on {hw.device}: {cached['model']}; set "
                             f"train.precision and train.channels_last explicitly")
-        margin = max(MIN_MARGIN, 2 * cached["noise"])  # a win within the measurement's spread is no win
-        decision["margin"] = round(margin, 3)
-        decision["chosen"] = best = pick_fastest(usable, list(candidates), margin)
+        decision["margin"] = MIN_MARGIN
+        decision["chosen"] = best = choose(cached["samples"], list(candidates))
         hw = replace(hw, amp_dtype=DTYPES[candidates[best]["precision"]],
                      channels_last=candidates[best]["channels_last"])
     if measure_inputs:
@@ -199,22 +203,27 @@ def candidate_settings(hw: Hardware, auto: list[str]) -> dict[str, dict]:
             for p in precisions for cl in layouts}
 
 
-# A candidate other than the simplest must beat it by more than the measurement's own noise, and by
-# at least this much: a smaller gain is not worth a less precise or less common setting.
+# A candidate other than the simplest must be faster than it by more than this, in significantly
+# many rounds: a smaller gain is not worth a less precise or less common setting.
 MIN_MARGIN = 0.05
-ROUNDS = 5
+# The rounds: at least MIN_ROUNDS (a one-sided sign test at 5% needs 8 wins of 9 to decide), more
+# while they fit in ROUNDS_SECONDS, up to MAX_ROUNDS. A timed sample repeats a step until it takes
+# SAMPLE_SECONDS (timeit's autorange): a step of a tenth of a millisecond is mostly timer and
+# scheduler noise on its own.
+MIN_ROUNDS, MAX_ROUNDS, ROUNDS_SECONDS, SAMPLE_SECONDS = 9, 40, 3.0, 0.005
+SIGN_TEST_ALPHA = 0.05
 
 
-def time_candidates(hw: Hardware, candidates: dict[str, dict], work: Workload,
-                    rounds: int = ROUNDS) -> tuple[dict[str, float | None], float]:
-    """Seconds per image of each candidate (the median of `rounds`; None if dropped), simplest
-    first, and the measurement's noise: the largest relative interquartile range of a candidate.
+def time_candidates(hw: Hardware, candidates: dict[str, dict], work: Workload) -> dict[str, list[float] | None]:
+    """Seconds per image of each candidate, one sample per round (None if dropped), simplest first.
 
     Every candidate first warms up every batch shape (first calls build kernels, seconds for some
     dtypes and layouts); one that fails, or whose warm-up takes more than twice the fastest
-    warm-up so far (a stall, or a dtype the hardware only emulates), is dropped. Then the rounds
-    interleave the candidates, each round starting with another, so that a machine that slows
-    down or speeds up while measuring (another process, turbo, heat) favours none of them."""
+    warm-up so far (a stall, or a dtype the hardware only emulates), is dropped. Then each round
+    times every candidate once, in an order shuffled afresh: a machine that slows down or speeds
+    up while measuring (another process, turbo, heat) favours none of them, and neither does
+    what one candidate leaves behind for the next (caches, freed memory), which a fixed rotation
+    would always hand to the same successor."""
     model = copy.deepcopy(work.model)  # one copy for all: layout is switched, precision is autocast
     steppers, fastest = {}, None
     for name, settings in candidates.items():
@@ -223,23 +232,56 @@ def time_candidates(hw: Hardware, candidates: dict[str, dict], work: Workload,
         if steppers[name] is not None:
             elapsed = time.perf_counter() - start
             fastest = elapsed if fastest is None else min(fastest, elapsed)
-    usable = [name for name, step in steppers.items() if step is not None]
-    samples = {name: [] for name in usable}
-    for r in range(rounds if usable else 0):
-        for name in usable[r % len(usable):] + usable[:r % len(usable)]:
+    samples = run_rounds({name: step for name, step in steppers.items() if step is not None})
+    return {name: samples.get(name) for name in candidates}
+
+
+def run_rounds(steppers: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
+    """Each stepper's timings, one per round, the order of each round shuffled (seeded: the same
+    orders on every run)."""
+    samples = {name: [] for name in steppers}
+    order, shuffle = list(steppers), random.Random(0).shuffle
+    start = time.perf_counter()
+    for rounds in range(MAX_ROUNDS if steppers else 0):
+        if rounds >= MIN_ROUNDS and time.perf_counter() - start > ROUNDS_SECONDS:
+            break
+        shuffle(order)
+        for name in order:
             samples[name].append(steppers[name]())
-    noise = max(((_quartile(t, 3) - _quartile(t, 1)) / statistics.median(t) for t in samples.values()), default=0.0)
-    return {name: statistics.median(samples[name]) if name in samples else None for name in candidates}, noise
+    return samples
 
 
-def _quartile(values: list[float], q: int) -> float:
-    return statistics.quantiles(values, n=4, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+def choose(samples: dict[str, list[float]], order: list[str], margin: float = MIN_MARGIN) -> str:
+    """The simplest usable candidate (first in `order`), unless another is faster than it by more
+    than `margin` in significantly many rounds: a one-sided sign test on the per-round ratios,
+    which holds whatever the timings' distribution (the upper 95% bound of the median ratio is
+    below 1 / (1 + margin)). Among those that pass, the fastest median, or the simplest within
+    `margin` of it."""
+    usable = [name for name in order if samples.get(name)]
+    base = usable[0]
+    medians = {name: statistics.median(samples[name]) for name in usable}
+    faster = [name for name in usable[1:] if _surely_faster(samples[name], samples[base], margin)]
+    return pick_fastest({name: medians[name] for name in [base] + faster}, usable, margin) if faster else base
+
+
+def _surely_faster(candidate: list[float], base: list[float], margin: float) -> bool:
+    wins = sum(c * (1 + margin) < b for c, b in zip(candidate, base))  # paired: the same round
+    return binomtest(wins, min(len(candidate), len(base)), 0.5, alternative="greater").pvalue < SIGN_TEST_ALPHA
+
+
+def relative_spread(samples: list[float]) -> float:
+    """Interquartile range over median: how noisy a candidate's timings were (reported, not used)."""
+    if len(samples) < 2:
+        return 0.0
+    low, _, high = statistics.quantiles(samples, n=4, method="inclusive")
+    return (high - low) / statistics.median(samples)
 
 
 def _warm_up(hw: Hardware, settings: dict, work: Workload, model: nn.Module,
              box_seconds: float) -> Callable[[], float] | None:
-    """A function that times one round of a candidate: seconds per epoch-weighted image (one step
-    per phase, at full batch); None if the warm-up fails or runs past `box_seconds`."""
+    """A function that times one round of a candidate: seconds per epoch-weighted image (each
+    phase at full batch, its step repeated to SAMPLE_SECONDS); None if the warm-up fails or runs
+    past `box_seconds`."""
     trial = replace(hw, amp_dtype=DTYPES[settings["precision"]], channels_last=settings["channels_last"])
     step = _stepper(model, trial)
     start = time.perf_counter()
@@ -252,16 +294,24 @@ def _warm_up(hw: Hardware, settings: dict, work: Workload, model: nn.Module,
     except (RuntimeError, NotImplementedError) as err:  # an op without a kernel for this dtype/layout
         warn(f"hardware candidate {settings} failed on {hw.device}: {str(err).splitlines()[0]}")
         return None
-    phases = [(images, min(batch, images), train) for images, batch, train in
-              ((work.train_images, work.train_batch, True), (work.infer_images, work.infer_batch, False)) if images]
+    phases = []
+    for images, batch, train in ((work.train_images, work.train_batch, True),
+                                 (work.infer_images, work.infer_batch, False)):
+        if images:
+            size = min(batch, images)
+            t0 = time.perf_counter()
+            step(size, train, work.crop_size)
+            repeats = min(100, max(1, math.ceil(SAMPLE_SECONDS / max(time.perf_counter() - t0, 1e-6))))
+            phases.append((images, size, train, repeats))
 
     def one_round() -> float:
         trial.prepare(model)  # the candidates share the model: its layout, switched outside the timing
         cost = 0.0
-        for images, size, train in phases:
+        for images, size, train, repeats in phases:
             t0 = time.perf_counter()
-            step(size, train, work.crop_size)
-            cost += images * (time.perf_counter() - t0) / size
+            for _ in range(repeats):
+                step(size, train, work.crop_size)
+            cost += images * (time.perf_counter() - t0) / (repeats * size)
         return cost / (work.train_images + work.infer_images)
     return one_round
 
@@ -272,9 +322,12 @@ def _stepper(model: nn.Module, hw: Hardware) -> Callable[[int, bool, int], None]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9) if params else None
     scaler = hw.grad_scaler()
+    inputs = {}  # made once per shape: drawing random numbers is no part of a step's cost
 
     def step(size: int, train: bool, crop: int) -> None:
-        images = hw.to_device(torch.randn(size, 3, crop, crop))
+        if (size, crop) not in inputs:
+            inputs[size, crop] = torch.randn(size, 3, crop, crop)
+        images = hw.to_device(inputs[size, crop])
         if train and optimizer is not None:
             model.train()
             with hw.autocast():
@@ -300,9 +353,9 @@ def _read_decision(path: Path, candidates: dict, measure_inputs: bool) -> dict |
         return None
     try:
         cached = json.loads(path.read_text())
-        times = list(cached["model"].values()) + list(cached["inputs"].values())
-        if set(cached["model"]) != set(candidates) or bool(cached["inputs"]) != measure_inputs \
-                or not all(t is None or t > 0 for t in times) or not float(cached["noise"]) >= 0:
+        times = [t for run in cached["samples"].values() if run for t in run] + list(cached["inputs"].values())
+        if set(cached["samples"]) != set(candidates) or bool(cached["inputs"]) != measure_inputs \
+                or not all(t > 0 for t in times):
             raise ValueError("not the candidates asked for")
         return cached
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:

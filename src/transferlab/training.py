@@ -84,8 +84,10 @@ def prepare(built: BuiltModel, classes: list[str], samples: dict[str, list[Sampl
     pre, views = built.preprocess, train.feature_views
     head_only = train.cache_features and not backbone_trains(built)
     trained_on = samples["train"] if subset is None else [samples["train"][i] for i in subset.rows]
-    # What each process computes: its share of the images, in shares of the batches.
-    n_train, n_val = -(-len(trained_on) // world.size), -(-len(samples["val"]) // world.size)
+    # What each process computes: its share of the images, in shares of the batches. A curve's
+    # points decide on the whole training set's shapes, whatever their subset's size: one decision,
+    # the same settings at every size (a smaller subset's tail batch is not warmed up).
+    n_train, n_val = -(-len(samples["train"]) // world.size), -(-len(samples["val"]) // world.size)
     n_embedded = -(-len(samples["train"]) // world.size)
     share = -(-train.batch_size // world.size)
     work = Workload(built.model, pre.crop_size, train_images=0 if head_only else n_train,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, NoReturn
 
 from transferlab.errors import UserError
+from transferlab.files import remove_stale_temps
 
 
 def cache_dir() -> Path:
@@ -58,11 +59,13 @@ def require_inputs(inputs: dict[str, str]) -> None:
 
 
 def run_stage(name: str, main: Callable[[], None], outputs: list[str]) -> None:
-    """Run a stage's main: user errors and interruptions become one message and a non-zero exit
-    (1, or 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM), saying which outputs were kept."""
+    """Run a stage's main, once what a dead run left of its outputs is tidied (put_back_parked): user
+    errors and interruptions become one message and a non-zero exit (1, or 128 + the signal: 130 for
+    Ctrl-C, 143 for SIGTERM), saying which outputs were kept."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _interrupt)
     try:
+        put_back_parked(outputs)
         main()
     except UserError as err:
         print(f"transferlab {name}: error: {err}", file=sys.stderr)
@@ -73,6 +76,15 @@ def run_stage(name: str, main: Callable[[], None], outputs: list[str]) -> None:
         print(f"transferlab {name}: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
         print(kept_message(name, outputs), file=sys.stderr)
         sys.exit(128 + signum)
+
+
+def put_back_parked(outputs: list[str]) -> None:
+    """Before a stage writes: each output folder that a run which died mid-swap had set aside goes
+    back to its place, and the temporary files of the outputs' dead writers go (files.py)."""
+    for output in outputs:
+        path = Path(output.rstrip("/"))
+        if path.parent.is_dir():
+            remove_stale_temps(path.parent, path.name)
 
 
 def kept_message(name: str, outputs: list[str]) -> str:

@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from transferlab.data import ImageSource, open_split_store
-from transferlab.engine import Predictions, predict, seed_everything
+from transferlab.engine import Predictions, seed_everything
 from transferlab.files import load_checkpoint, replaced_together, write_json
-from transferlab.hardware import Hardware, Workload, decide, pick_hardware
+from transferlab.hardware import Hardware
 from transferlab.images import Sample, read_split
 from transferlab.metrics import classification_metrics, compare, headline, top_losses
 from transferlab.models import MODES, Preprocess, head_of, rebuild_model
-from transferlab.params import EvaluateParams, load_params
+from transferlab.params import load_params
+from transferlab.scoring import predict_split, scoring_hardware
 from transferlab.stages import cache_dir, require_inputs, run_stage
 
 TEST_CSV = Path("data/split/test.csv")
@@ -59,11 +60,6 @@ def main() -> None:
             write_predictions(predictions_dir / f"{mode}.csv", rows[mode])
 
 
-def scoring_hardware(evaluate: EvaluateParams) -> Hardware:
-    """The device, precision and layout the test split is scored at (auto ones measured by predict_split)."""
-    return pick_hardware(precision=evaluate.precision, channels_last=evaluate.channels_last)
-
-
 def predict_test(checkpoint: dict, samples: list[Sample], source: ImageSource, batch_size: int,
                  hw: Hardware) -> tuple[Predictions, Hardware]:
     """The checkpoint's class probabilities for every test image, at evaluate's precision and layout
@@ -72,18 +68,7 @@ def predict_test(checkpoint: dict, samples: list[Sample], source: ImageSource, b
                           head_of(checkpoint))
     model.load_state_dict(checkpoint["state_dict"])
     return predict_split(model, checkpoint["arch"], Preprocess(**checkpoint["preprocess"]), checkpoint["classes"],
-                         samples, source, batch_size, hw, desc=f"test {checkpoint['mode']}")
-
-
-def predict_split(model, arch: str, pre: Preprocess, classes: list[str], samples: list[Sample],
-                  source: ImageSource, batch_size: int, hw: Hardware, desc: str) -> tuple[Predictions, Hardware]:
-    """`model`'s class probabilities for `samples`, unaugmented, as evaluate scores the test split
-    (a learning curve's points too: one question, one answer)."""
-    work = Workload(model, pre.crop_size, 0, len(samples), batch_size, batch_size)
-    hw = decide(hw, work, cache_dir(), [arch, "inference"])
-    hw.prepare(model)
-    batches = source.batches(samples, classes, pre, batch_size, False, 0, hw)
-    return predict(model, batches, hw, desc=desc), hw
+                         samples, source, batch_size, hw, cache_dir(), desc=f"test {checkpoint['mode']}")
 
 
 def prediction_rows(samples: list[Sample], predictions: Predictions, classes: list[str]) -> list[list]:
