@@ -4,10 +4,12 @@
 
 Runs the hardware decision `--repeats` times from an empty cache (the train stage's workload:
 hymenoptera's 195 train and 49 val images at batch 8), then times every candidate in the steady
-state: `--steps` training steps each after three warm-up steps, in turns. Prints the decisions, the
-margin each used, and each candidate's steady images/s as a ratio to fp32 measured in the same run.
+state: `--steps` training steps each, in blocks that take turns, each candidate in its own copy of
+the model. Prints the decisions, the rounds each took, and each candidate's steady images/s as a
+ratio to fp32 measured in the same run.
 """
 import argparse
+import copy
 import tempfile
 import time
 from collections import Counter
@@ -19,21 +21,36 @@ from transferlab.hardware import Workload, candidate_settings, decide, pick_hard
 from transferlab.models import HeadSpec, build_for_mode
 
 
-def steady_images_per_second(model, settings: dict, crop: int, steps: int, batch: int = 8) -> float:
-    trial = pick_hardware("cpu", settings["precision"], settings["channels_last"], 0)
-    trial.prepare(model)
-    model.train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
-    images, targets = torch.randn(batch, 3, crop, crop), torch.randint(0, 2, (batch,))
-    for step in range(steps + 3):
-        if step == 3:
+def steady_images_per_second(model, candidates: dict[str, dict], crop: int, steps: int, batch: int = 8,
+                             blocks: int = 4) -> dict[str, float]:
+    """Each candidate's training images/s in the steady state: `steps` steps each, in `blocks`
+    blocks that take turns (so a load that comes and goes while measuring hits all of them alike),
+    each block after an untimed step in its own copy of the model."""
+    steppers = {}
+    for name, settings in candidates.items():
+        trial = pick_hardware("cpu", settings["precision"], settings["channels_last"], 0)
+        own = trial.prepare(copy.deepcopy(model)).train()
+        optimizer = torch.optim.SGD([p for p in own.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
+        images, targets = trial.to_device(torch.randn(batch, 3, crop, crop)), torch.randint(0, 2, (batch,))
+
+        def step(trial=trial, own=own, optimizer=optimizer, images=images, targets=targets) -> None:
+            with trial.autocast():
+                loss = torch.nn.functional.cross_entropy(own(images).float(), targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        for _ in range(3):
+            step()
+        steppers[name] = step
+    seconds = {name: 0.0 for name in candidates}
+    for _ in range(blocks):
+        for name, step in steppers.items():
+            step()
             start = time.perf_counter()
-        with trial.autocast():
-            loss = torch.nn.functional.cross_entropy(model(trial.to_device(images)).float(), targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return steps * batch / (time.perf_counter() - start)
+            for _ in range(steps // blocks):
+                step()
+            seconds[name] += time.perf_counter() - start
+    return {name: blocks * (steps // blocks) * batch / t for name, t in seconds.items()}
 
 
 def main() -> None:
@@ -56,7 +73,7 @@ def main() -> None:
         print(f"decided {hw.decision['chosen']} after {len(next(t for t in measured['samples'].values() if t))} "
               f"rounds (largest spread {max(measured['spread'].values()):.1%}) in {seconds[-1]:.0f} s", flush=True)
     candidates = candidate_settings(pick_hardware("cpu", "auto", "auto", 0), ["precision", "channels_last"])
-    steady = {name: steady_images_per_second(built.model, s, crop, args.steps) for name, s in candidates.items()}
+    steady = steady_images_per_second(built.model, candidates, crop, args.steps)
     print(f"\n{args.model} {args.mode}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| candidate | steady train img/s | ratio to fp32 | chosen (of %d) |" % args.repeats)
     print("|---|---|---|---|")

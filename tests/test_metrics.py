@@ -76,3 +76,17 @@ def test_top_losses_are_the_wrong_images_the_model_was_surest_of():
     assert found[0]["loss"] == pytest.approx(-np.log(0.05), abs=1e-4)
     assert top_losses(probs, targets, list("abcd"), classes, top=1)[0]["path"] == "c"
     assert top_losses(probs[:1], targets[:1], ["a"], classes) == []
+
+
+def test_top_losses_are_ordered_by_loss_not_by_the_wrong_class_confidence():
+    # fastai's order: -log p(true class). With three classes a less confident mistake can have
+    # the larger loss: b.jpg gives its true class 0.05 (loss 3.0) though it is only 50% sure of
+    # the wrong one; c.jpg is 80% sure of a wrong class but gives the true one 0.2 (loss 1.6).
+    from transferlab.metrics import top_losses
+
+    probs = np.array([[0.2, 0.8, 0.0], [0.05, 0.5, 0.45], [0.1, 0.3, 0.6], [0.7, 0.2, 0.1]])
+    targets = np.array([0, 0, 1, 0])
+    found = top_losses(probs, targets, ["c.jpg", "b.jpg", "d.jpg", "a.jpg"], ["ants", "bees", "wasps"])
+    assert [m["path"] for m in found] == ["b.jpg", "c.jpg", "d.jpg"]
+    assert [m["loss"] for m in found] == sorted((m["loss"] for m in found), reverse=True)
+    assert found[0]["confidence"] == 0.5 and found[0]["loss"] == pytest.approx(-np.log(0.05), abs=1e-4)

@@ -7,11 +7,14 @@ test images:
 
 - the accuracy interval is a hierarchical bootstrap: seeds and test images both resampled, so it
   holds seed-to-seed spread and test-set sampling noise together;
-- the verdict against the best row (`metrics.paired_difference`, the same test evaluate uses)
-  counts both sources of noise, paired on images: which test images were drawn, and the
-  seed-to-seed spread of each row; with one seed per row it is McNemar's exact test. Its p values
-  are Holm-adjusted over the rows compared with the best, and a gap that more seeds could show is
-  called "too few runs to tell", with about how many seeds would.
+- the verdict against the best row (`metrics.judge`; its test is `metrics.paired_difference`,
+  the one evaluate uses) counts both sources of noise, paired on images: which test images were
+  drawn, and the seed-to-seed spread of each row; with one seed per row it is McNemar's exact
+  test. Its p values are Holm-adjusted over the rows compared with the best. A row is "better" or
+  "worse" when that p is below 5%; "not distinguishable" only when both rows have two seeds or
+  more and even the largest gap their runs allow is one that no number of seeds could show on
+  these test images; otherwise "too few runs to tell", with about how many seeds per row would
+  tell, or, one seed each, that the seed-to-seed spread is unmeasured.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import numpy as np
 import yaml
 
 from transferlab.errors import UserError, warn
-from transferlab.metrics import bootstrap_interval, holm, paired_difference, verdict
+from transferlab.metrics import bootstrap_interval, judge, paired_difference, verdict
 
 
 @dataclass
@@ -168,11 +171,10 @@ def leaderboard(runs: list[Run], seed: int = 0) -> list[dict]:
     rows.sort(key=lambda row: -row["accuracy_mean"])
     best = rows[0]
     best["best"], best["verdict"], best["p_value"] = True, "best", None
-    tests = [paired_difference(row.pop("_right"), best["_right"]) for row in rows[1:]]
-    for row, test, p in zip(rows[1:], tests, holm([test["p_value"] for test in tests])):
-        seeds = min(row["seeds"], best["seeds"])
-        row.update(best=False, p_value=p, p_unadjusted=test["p_value"], test=test["test"],
-                   seeds_needed=test["seeds_needed"], verdict=verdict(test["gap"], p, seeds, test["seeds_needed"]))
+    tests = judge([(row.pop("_right"), best["_right"]) for row in rows[1:]])
+    for row, test in zip(rows[1:], tests):
+        row.update(best=False, p_value=test["p_adjusted"], p_unadjusted=test["p_value"], test=test["test"],
+                   seeds_needed=test["seeds_needed"], verdict=test["verdict"])
     best.pop("_right")
     return rows
 
@@ -204,7 +206,7 @@ def head_to_head(a: Run, b: Run) -> list[dict]:
         test = paired_difference(rb, ra)  # one run each: McNemar's exact test, as evaluate's
         gain, p = test["gap"], test["p_value"]
         result.append({"mode": mode, "accuracy_a": float(ra.mean()), "accuracy_b": float(rb.mean()), "gain": gain,
-                       "p_value": p, "verdict": verdict(gain, p, 1, None),
+                       "p_value": p, "verdict": verdict(gain, p, 1, test["seeds_needed"]),
                        "only_a_right": int((ra > rb).sum()), "only_b_right": int((rb > ra).sum())})
     return result
 

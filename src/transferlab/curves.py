@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from transferlab.metrics import bootstrap_interval, holm, paired_difference, verdict
+from transferlab.metrics import bootstrap_interval, judge
 from transferlab.params import MODES
 
 TRANSFER_MODES = ("finetune", "extract")
@@ -64,18 +64,13 @@ def images_to_reach(curve: list[tuple[float, float]], accuracy: float) -> tuple[
 def size_tests(points: list[dict], rows: list[dict], better: str, than: str) -> list[dict]:
     """At each size both modes have, smallest first: is `better` better than `than`? The paired
     test over seeds and test images, Holm-adjusted over the sizes (one question asked at each),
-    with its verdict."""
+    with its verdict (metrics.judge, as `transferlab compare` judges its rows)."""
     sizes = {(row["x"], row["images_per_class"]) for row in rows if row["mode"] == better} \
         & {(row["x"], row["images_per_class"]) for row in rows if row["mode"] == than}
-    tests = []
-    for x, size in sorted(sizes, key=lambda pair: pair[0]):
-        a, b = (right_matrix([p for p in points if p["mode"] == mode and p["images_per_class"] == size])
-                for mode in (better, than))
-        tests.append({"x": x, "images_per_class": size, **paired_difference(a, b), "seeds": min(len(a), len(b))})
-    for test, adjusted in zip(tests, holm([t["p_value"] for t in tests])):
-        test["p_adjusted"] = adjusted
-        test["verdict"] = verdict(test["gap"], adjusted, test["seeds"], test["seeds_needed"])
-    return tests
+    sizes = sorted(sizes, key=lambda pair: pair[0])
+    pairs = [tuple(right_matrix([p for p in points if p["mode"] == mode and p["images_per_class"] == size])
+                   for mode in (better, than)) for _, size in sizes]
+    return [{"x": x, "images_per_class": size, **test} for (x, size), test in zip(sizes, judge(pairs))]
 
 
 def dividend(points: list[dict], rows: list[dict]) -> list[dict]:
