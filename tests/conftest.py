@@ -17,6 +17,9 @@ import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+# No test reaches a model hub: timm's weights come from files and caches the tests write. Set
+# before anything imports huggingface_hub, which reads it once.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 # The modules that take longest, longest first (pytest --durations): `make test` hands whole
 # modules to its workers in this order, so that the short ones fill the gaps at the end rather

@@ -57,7 +57,7 @@ def test_keyed_by_content_and_size_not_by_order(tmp_path, samples):
 def test_an_interrupted_decode_continues_where_it_stopped(tmp_path, samples, monkeypatch, capsys):
     decoded = store_module._decoded
 
-    def interrupted_after_five(paths, min_side, workers):
+    def interrupted_after_five(paths, min_side, workers, resample="bilinear"):
         for i, array in enumerate(decoded(paths, min_side, workers)):
             if i == 5:
                 raise KeyboardInterrupt
@@ -167,7 +167,7 @@ def test_an_image_that_decodes_differently_now_is_never_trusted(tmp_path, sample
     damage(store, slot)
     fresh = open_store(samples, SIDE, tmp_path / "cache")
     other_decoder = np.asarray(load_image(samples[2].path, SIDE)) // 2  # what "another decoder" returns
-    monkeypatch.setattr(store_module, "load_image", lambda path, side: other_decoder)
+    monkeypatch.setattr(store_module, "load_image", lambda path, side, resample="bilinear": other_decoder)
     for _ in range(3):
         assert np.array_equal(fresh.image(slot, samples[2].path), other_decoder)
     err = capfd.readouterr().err

@@ -48,11 +48,19 @@ def is_image_file(path: str | Path) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
-    """Decode to 8-bit RGB, EXIF rotation applied; if `min_side`, shrink so the short side is that.
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
+            "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+
+
+def load_image(path: str | Path, min_side: int | None = None, resample: str = "bilinear") -> Image.Image:
+    """Decode to 8-bit RGB, EXIF rotation applied; if `min_side`, shrink so the short side is that,
+    with the model's interpolation, the long side as torchvision's Resize sizes it (truncated).
 
     Shrinking here means the full-size original (some are 2592x1944) is decoded once, not every
-    epoch; JPEG's draft mode even decodes straight to a smaller scale.
+    epoch; JPEG's draft mode even decodes straight to a smaller scale, and an image more than 3x
+    the size is first reduced by whole factors (Pillow's reducing_gap): fast, and within a few
+    levels of a plain resize. Otherwise the result is a plain Pillow resize, as torchvision's
+    (and timm's) eval transforms do it.
     """
     with warnings.catch_warnings():
         # Pillow warns before its decompression-bomb limit: a warning is not a reason to stop.
@@ -64,9 +72,9 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
             img = ImageOps.exif_transpose(img)
             img = to_rgb(img)
     if min_side and min(img.size) > min_side:
-        scale = min_side / min(img.size)
-        size = (max(min_side, round(img.width * scale)), max(min_side, round(img.height * scale)))
-        img = img.resize(size, Image.BILINEAR, reducing_gap=3.0)
+        short, long = sorted(img.size)
+        size = (min_side, int(min_side * long / short))
+        img = img.resize(size if img.width <= img.height else size[::-1], RESAMPLE[resample], reducing_gap=3.0)
     return img
 
 

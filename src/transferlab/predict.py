@@ -92,7 +92,7 @@ class Classifier:
             prediction = Prediction(path)
             results.append(prediction)
             try:
-                image = load_image(path, self.preprocess.resize_size)
+                image = load_image(path, self.preprocess.resize_size, self.preprocess.interpolation)
             except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as err:
                 prediction.error = _reason(path, err)
                 continue

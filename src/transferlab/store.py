@@ -42,7 +42,7 @@ from transferlab.files import (
 )
 from transferlab.images import Sample, file_digest, load_image
 
-VERSION = 1  # bump when load_image changes what it returns (Pillow's own version is in the key too)
+VERSION = 2  # bump when load_image changes what it returns (Pillow's own version is in the key too)
 INDEX_DTYPE = np.dtype([("offset", "<i8"), ("height", "<i4"), ("width", "<i4"), ("crc", "<u4")])
 COMMIT_SECONDS = 1.0
 
@@ -57,19 +57,20 @@ def cpu_count() -> int:
 
 @dataclass(frozen=True)
 class StoreKey:
-    """Which images a store holds (content digests, sorted) and at which size."""
+    """Which images a store holds (content digests, sorted), at which size and interpolation."""
 
     digests: tuple[bytes, ...]
     min_side: int
+    resample: str = "bilinear"
 
     @classmethod
-    def of(cls, samples: list[Sample], min_side: int) -> StoreKey:
-        return cls(tuple(sorted({file_digest(s.path) for s in samples})), min_side)
+    def of(cls, samples: list[Sample], min_side: int, resample: str = "bilinear") -> StoreKey:
+        return cls(tuple(sorted({file_digest(s.path) for s in samples})), min_side, resample)
 
     @property
     def folder_name(self) -> str:
         # Another Pillow may decode the same file to other bytes: its stores are not this one's.
-        decoder = f"v{VERSION}-pillow{PIL.__version__}-{self.min_side}"
+        decoder = f"v{VERSION}-pillow{PIL.__version__}-{self.min_side}-{self.resample}"
         digest = hashlib.sha256(decoder.encode() + b"".join(self.digests)).hexdigest()
         return f"decoded-{self.min_side}px-{digest[:20]}"
 
@@ -126,7 +127,7 @@ class ImageStore:
             self.verified[slot] = True
             return None
         warn(f"{self.folder}/pixels.bin: image {slot} ({source}) is damaged; decoded it again from its source")
-        fresh = np.ascontiguousarray(load_image(source, self.key.min_side))
+        fresh = np.ascontiguousarray(load_image(source, self.key.min_side, self.key.resample))
         if fresh.shape[:2] == (entry["height"], entry["width"]) and zlib.crc32(fresh) == int(entry["crc"]):
             with open(self.folder / "pixels.bin", "r+b") as f:
                 f.seek(int(entry["offset"]))
@@ -146,10 +147,11 @@ class ImageStore:
         self.__init__(state["folder"], state["key"], state["index"])
 
 
-def open_store(samples: list[Sample], min_side: int, cache_dir: str | Path, workers: int | None = None) -> ImageStore:
+def open_store(samples: list[Sample], min_side: int, cache_dir: str | Path, workers: int | None = None,
+               resample: str = "bilinear") -> ImageStore:
     """The store of `samples` at `min_side` in `cache_dir`: opened if complete, else built or its
     interrupted build continued, under a lock so concurrent stages build it once."""
-    key = StoreKey.of(samples, min_side)
+    key = StoreKey.of(samples, min_side, resample)
     folder = Path(cache_dir) / key.folder_name
     folder.parent.mkdir(parents=True, exist_ok=True)
     index = _read_complete(folder, key)
@@ -233,7 +235,7 @@ def _build(folder: Path, key: StoreKey, sources: dict[bytes, str], workers: int)
     entries = list(index)
     kept = "the images decoded so far are kept, and the next run continues after them"
     with (open(pixels, "r+b" if pixels.exists() else "wb") as out, no_space_message(pixels, kept=kept),
-          contextlib.closing(_decoded(pending, key.min_side, workers)) as decoded):
+          contextlib.closing(_decoded(pending, key.min_side, workers, key.resample)) as decoded):
         out.truncate(end)  # drop bytes written after the last commit
         out.seek(end)
         last_commit = time.monotonic()
@@ -280,22 +282,22 @@ def _decoded_bytes(path: str, min_side: int) -> int:
     return round(width * scale) * round(height * scale) * 3
 
 
-def _decoded(paths: list[str], min_side: int, workers: int):
+def _decoded(paths: list[str], min_side: int, workers: int, resample: str = "bilinear"):
     """Decoded images of `paths`, in order; on `workers` processes when there is enough to share."""
     if workers <= 1 or len(paths) < 64:
         for path in paths:
-            yield _decode_one((path, min_side))
+            yield _decode_one((path, min_side, resample))
         return
     # spawn, not fork: the parent may hold torch's threads, which a forked child would inherit broken.
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_ignore_interrupts) as pool:
-        yield from pool.imap(_decode_one, [(path, min_side) for path in paths], chunksize=16)
+        yield from pool.imap(_decode_one, [(path, min_side, resample) for path in paths], chunksize=16)
 
 
-def _decode_one(job: tuple[str, int]) -> np.ndarray:
-    path, min_side = job
+def _decode_one(job: tuple[str, int, str]) -> np.ndarray:
+    path, min_side, resample = job
     try:
-        return np.ascontiguousarray(load_image(path, min_side))
+        return np.ascontiguousarray(load_image(path, min_side, resample))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         # The split stage checked every image; one that fails now changed on disk since.
         raise UserError(f"{path}: fails to decode ({err}); it changed since the split stage checked it: "

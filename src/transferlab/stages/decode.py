@@ -21,12 +21,13 @@ RECORD = "data/decode.json"
 def main() -> None:
     require_inputs({f"{SPLIT_DIR}/{name}.csv": "split" for name in SPLITS})
     params = load_params()
-    min_side = preprocess_for(params.model).resize_size
+    pre = preprocess_for(params.model, params.weights)
+    min_side = pre.resize_size
     samples = [s for name in SPLITS for s in read_split(SPLIT_DIR / f"{name}.csv")]
     start = time.perf_counter()
-    store = open_store(samples, min_side, cache_dir())
+    store = open_store(samples, min_side, cache_dir(), resample=pre.interpolation)
     write_json(RECORD, {"store": store.folder.name, "images": len(store), "min_side": min_side,
-                        "bytes": store.nbytes})
+                        "interpolation": pre.interpolation, "bytes": store.nbytes})
     print(f"{len(store)} images decoded to a {min_side}-pixel short side in {store.folder} "
           f"({store.nbytes / 1e6:.0f} MB, {time.perf_counter() - start:.1f} s)")
 
