@@ -285,3 +285,19 @@ def test_a_row_of_one_seed_borrows_the_degrees_of_freedom_of_the_spread_it_borro
     assert [dof for _, dof in found.parts(seeds_only=True)] == [4, 4] and found.per_seed[0] == found.per_seed[1]
     assert verdict(0.01, 0.3, 1, 4) == "too few runs to tell (1 seed; would need about 4 per row)"
     assert verdict(0.01, 0.3, 3, 5000) == "too few runs to tell (3 seeds; would need over 1000 per row)"
+
+
+def test_each_row_says_what_kind_of_backbone_it_is_its_size_and_its_embedding():
+    """Does a foundation backbone pay on my data? One table: the kind of pretraining per row."""
+    right = [True] * 45 + [False] * 15
+    dino = run("a", "timm/vit_small_patch14_dinov2.lvd142m", 0, {"extract": right, "scratch": right})
+    dino.modes["extract"].backbone = {"kind": "self-supervised", "parameters": 22_056_576, "embedding_size": 384}
+    clip = run("b", "timm/vit_base_patch16_clip_224.openai", 0, {"finetune": right})  # a report without them
+    rows = {(r["model"].split(".")[-1], r["mode"]): r for r in leaderboard([dino, clip])}
+    assert rows["lvd142m", "extract"]["backbone"] == "self-supervised"
+    assert (rows["lvd142m", "extract"]["backbone_parameters"], rows["lvd142m", "extract"]["embedding_size"]) == (
+        22_056_576, 384)
+    assert rows["lvd142m", "scratch"]["backbone"] == "random init"
+    assert rows["openai", "finetune"]["backbone"] == "image-text"
+    text = markdown(list(rows.values()))
+    assert "| backbone | backbone params | embedding |" in text and "| self-supervised | 22,056,576 | 384 |" in text

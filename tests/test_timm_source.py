@@ -12,7 +12,7 @@ from transferlab.data import ImageSource
 from transferlab.features import embed
 from transferlab.hardware import pick_hardware
 from transferlab.images import Sample
-from transferlab.models import HeadSpec, build_model, preprocess_for, rebuild_model
+from transferlab.models import HeadSpec, backbone_summary, build_model, preprocess_for, rebuild_model
 from transferlab.params import ParamsError, check_weights
 from transferlab.store import open_store
 from transferlab.timm_source import backbone_kind, resolve
@@ -75,6 +75,10 @@ def test_weights_come_exactly_from_a_local_file_or_the_offline_hub_cache(tmp_pat
     loaded = built.model.state_dict()
     assert all(torch.equal(loaded[k], written[k]) for k in backbone) and built.weights_id == "weights.pth"
     assert loaded["head.weight"].shape == (3, written["head.weight"].shape[1])  # a new head, 3 classes
+    width = written["head.weight"].shape[1]
+    assert backbone_summary(built) == {"kind": "supervised", "embedding_size": width,
+                                       "parameters": sum(v.numel() for k, v in written.items() if k in backbone)}
+    assert backbone_summary(build_model(TINY, 3, pretrained=False))["kind"] == "random init"
     # The Hugging Face cache is found where HF_HOME says when a stage's process starts.
     code = ("import sys, torch; from transferlab.models import build_model; "
             f"m = build_model({TINY!r}, 3, pretrained=True); torch.save(m.model.state_dict(), sys.argv[1]); "

@@ -38,6 +38,7 @@ class ModeResult:
     train_seconds: float | None
     trainable_parameters: int | None
     inference_images_per_s: float | None
+    backbone: dict | None = None    # kind of pretraining, parameters, embedding size (models.backbone_summary)
 
 
 @dataclass
@@ -117,7 +118,7 @@ def read_run(label: str, rev: str, cwd: Path) -> Run | None:
         train = json.loads(git_show(rev, f"reports/train/{mode}.json", cwd) or "{}")
         run.modes[mode] = ModeResult(np.array([r["actual"] == r["predicted"] for r in rows]),
                                      train.get("wall_seconds"), train.get("trainable_parameters"),
-                                     details.get(mode, {}).get("inference_images_per_s"))
+                                     details.get(mode, {}).get("inference_images_per_s"), train.get("backbone"))
     return run if run.modes else None
 
 
@@ -193,8 +194,19 @@ def summarise(key: tuple, members: list[tuple[Run, ModeResult]], rng: np.random.
         "train_seconds": _mean([r.train_seconds for _, r in members]),
         "trainable_parameters": _first([r.trainable_parameters for _, r in members]),
         "inference_images_per_s": _mean([r.inference_images_per_s for _, r in members]),
+        **backbone_columns(model, mode, _first([r.backbone for _, r in members])),
         "_right": right,
     }
+
+
+def backbone_columns(model: str, mode: str, backbone: dict | None) -> dict:
+    """The row's backbone: the kind of pretraining it had, its size and its embedding width, as
+    the run's train report gives them (a report older than them: the kind read off the name)."""
+    from transferlab.timm_source import backbone_kind
+
+    backbone = backbone or {"kind": "random init" if mode == "scratch" else backbone_kind(str(model))}
+    return {"backbone": backbone["kind"], "backbone_parameters": backbone.get("parameters"),
+            "embedding_size": backbone.get("embedding_size")}
 
 
 def head_to_head(a: Run, b: Run) -> list[dict]:
@@ -221,13 +233,15 @@ def pareto_front(rows: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| | model | mode | params | seeds | accuracy mean ± std | 95% interval | vs best (p) | "
-             "train s | trainable params | inference img/s |", "|---|" + "---|" * 10]
+    lines = ["| | model | backbone | backbone params | embedding | mode | params | seeds | accuracy mean ± std | "
+             "95% interval | vs best (p) | train s | trainable params | inference img/s |", "|---|" + "---|" * 13]
     for row in rows:
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items()) or "-"
         versus = "best" if row["best"] else f"{row['verdict']} (p = {row['p_value']:.3g})"
         lines.append(
-            f"| {'**best**' if row['best'] else ''} | {row['model']} | {row['mode']} | {params} | {row['seeds']} | "
+            f"| {'**best**' if row['best'] else ''} | {row['model']} | {row['backbone']} | "
+            f"{_fmt(row['backbone_parameters'], ',')} | {_fmt(row['embedding_size'], 'd')} | {row['mode']} | "
+            f"{params} | {row['seeds']} | "
             f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} | {row['accuracy_ci95_low']:.3f}–"
             f"{row['accuracy_ci95_high']:.3f} | {versus} | {_fmt(row['train_seconds'], '.0f')} | "
             f"{_fmt(row['trainable_parameters'], ',')} | {_fmt(row['inference_images_per_s'], '.0f')} |")

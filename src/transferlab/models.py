@@ -338,6 +338,18 @@ def _lite(arch: str, pretrained: bool) -> tuple[nn.Module, str]:
     return model, os.path.basename(path)
 
 
+def backbone_summary(built: BuiltModel) -> dict:
+    """What the leaderboard says of a row's backbone: the kind of pretraining it had (supervised,
+    self-supervised, image-text; random init for scratch), its parameters without the new head,
+    and the width of the embedding the head reads."""
+    heads = [built.model.get_submodule(name) for name in built.head_names]
+    first = next(m for m in heads[0].modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    head_weights = sum(p.numel() for head in heads for p in head.parameters())
+    return {"kind": timm_source.backbone_kind(built.arch) if built.weights_id else "random init",
+            "parameters": sum(p.numel() for p in built.model.parameters()) - head_weights,
+            "embedding_size": first.in_features if isinstance(first, nn.Linear) else first.in_channels}
+
+
 def describe(built: BuiltModel) -> dict:
     """What a checkpoint must carry to rebuild and feed this model."""
     head = asdict(built.head or HeadSpec())
