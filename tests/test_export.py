@@ -11,7 +11,7 @@ from transferlab.export import export_onnx, read_metadata, validate_onnx
 # One model of each tutorial family, and EfficientNet-Lite; vgg's smallest has 0.5 GB of weights,
 # so its export (20 s here) runs with the slow tier.
 FAMILIES = ["resnet", "alexnet", pytest.param("vgg", marks=pytest.mark.slow), "squeezenet", "densenet", "inception",
-            "efficientnet_lite0"]
+            "efficientnet_lite0", "timm/test_vit.r160_in1k", "timm/test_convnext"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -20,7 +20,7 @@ def test_exported_onnx_matches_pytorch_and_carries_classes_and_preprocessing(tmp
     onnx_path = export_onnx(checkpoint, tmp_path / f"{name}.onnx")
     assert validate_onnx(checkpoint, onnx_path) < 1e-3
     meta = read_metadata(onnx_path)
-    assert meta["classes"] == CLASSES and meta["preprocess"]["crop_size"] in (224, 299)
+    assert meta["classes"] == CLASSES and meta["preprocess"]["crop_size"] in (224, 299, 160)
     assert not list(tmp_path.glob(".*.tmp"))
 
 

@@ -57,14 +57,16 @@ def test_three_lines_from_checkpoint_to_predictions(checkpoint, images):
     assert all(r.top[0] == (r.label, r.confidence) and r.top[0][1] >= r.top[1][1] for r in good)
 
 
-def test_predictions_match_what_evaluate_computes(checkpoint, images, tmp_path):
+@pytest.mark.parametrize("name", ["squeezenet", "timm/test_vit.r160_in1k"])  # bilinear; bicubic, timm's config
+def test_predictions_match_what_evaluate_computes(name, images, tmp_path):
     from transferlab import Classifier
 
-    classifier = Classifier.load(checkpoint, device="cpu")
+    classifier = Classifier.load(write_checkpoint(tmp_path / "model.pt", name), device="cpu")
     _, paths = images
     ours = classifier.predict(paths, top_k=3)
     samples = [Sample(str(p), "ants") for p in paths]
-    store = open_store(samples, classifier.preprocess.resize_size, tmp_path / "cache")
+    store = open_store(samples, classifier.preprocess.resize_size, tmp_path / "cache",
+                       resample=classifier.preprocess.interpolation)
     dataset = ImageDataset(samples, CLASSES, build_transform(classifier.preprocess, False), store)
     loader = make_loader(dataset, 2, False, 0)
     from transferlab.engine import predict
