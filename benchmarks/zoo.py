@@ -10,12 +10,12 @@ round after round, each timing after an untimed step, so that a load which comes
 them alike; the median round counts. Ratios are to resnet50 measured in the same run.
 """
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
+from transferlab.hardware import machine_name
 from transferlab.models import build_model
 
 MODELS = ["resnet50", "timm/vit_small_patch16_224.augreg_in21k_ft_in1k", "timm/convnext_tiny.fb_in1k"]
@@ -59,7 +59,7 @@ def main() -> None:
                 start = time.perf_counter()
                 images = step()
                 rates[name, phase].append(images / (time.perf_counter() - start))
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+    print(f"{machine_name(torch.device('cpu'))}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, fp32, median of {args.rounds} rounds")
     print("| model | embedding pass img/s | vs resnet50 | finetune training img/s | vs resnet50 |")
     print("|---|---|---|---|---|")

@@ -240,12 +240,17 @@ def parse_params(raw: dict[str, Any], check_model: bool = True) -> Params:
 
 
 def check_weights(model: str, weights: str) -> None:
-    """ParamsError unless `weights` is default, an existing file, or a weights variant of `model`."""
+    """ParamsError unless `weights` is default, an existing file, or a weights variant of `model`,
+    and the model's preprocessing is one transferlab can give (square, centre-cropped)."""
     from transferlab import timm_source
-    from transferlab.models import LITES, is_weights_file, resolve_model_name, torchvision_weights
+    from transferlab.models import LITES, is_weights_file, preprocess_for, resolve_model_name, torchvision_weights
 
     arch = resolve_model_name(model)
     if weights == "default":
+        try:
+            preprocess_for(arch)
+        except ValueError as err:
+            raise ParamsError(f"model: {err}") from None
         return
     if is_weights_file(weights):
         if not Path(weights).is_file():
