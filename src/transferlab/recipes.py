@@ -1,0 +1,105 @@
+"""The small parts the training loop calls, one place each, each implemented by the library that
+already has it (torchvision's references/classification recipes):
+
+- a stopping rule: `patience` validation checks without improvement end a run (Lightning's and
+  fastai's EarlyStopping);
+- the loss: cross-entropy with label smoothing (`nn.CrossEntropyLoss(label_smoothing=)`), which
+  also takes the soft targets that mixing makes;
+- a batch transform: mixup or cutmix (`torchvision.transforms.v2.MixUp` / `CutMix`), one or the
+  other per batch when both are set;
+- a weight averager: an exponential moving average of the weights
+  (`torch.optim.swa_utils.AveragedModel`), which validation then scores;
+- stronger augmentation: `TrivialAugmentWide` or `RandAugment` (`torchvision.transforms.v2`), per
+  image, on uint8 images, before the crop's normalisation.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+AUGMENTATIONS = ("none", "trivialaugment", "randaugment")
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after `patience` validation checks without a better val accuracy (ties broken by a
+    lower loss, as the best epoch is picked); patience 0: never stop early."""
+    patience: int
+    best: tuple[float, float] | None = None
+    waited: int = 0
+
+    def should_stop(self, accuracy: float, loss: float) -> bool:
+        score = (accuracy, -loss)
+        if self.best is None or score > self.best:
+            self.best, self.waited = score, 0
+        else:
+            self.waited += 1
+        return self.patience > 0 and self.waited >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": list(self.best) if self.best else None, "waited": self.waited}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = tuple(state["best"]) if state["best"] else None
+        self.waited = state["waited"]
+
+
+def criterion(label_smoothing: float = 0.0) -> nn.CrossEntropyLoss:
+    """Summed cross-entropy (the loop scales it to the whole batch's mean), smoothed as asked;
+    it takes class indices or, after mixing, class probabilities."""
+    return nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
+
+
+class BatchMixer:
+    """Mixup and/or cutmix of a training batch: (images, class indices) -> (images, class
+    probabilities). With both, each batch takes one of them at random (torchvision's RandomChoice
+    recipe). They draw from torch's global generator, which resume restores."""
+
+    def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
+        from torchvision.transforms import v2
+
+        if num_classes < 2:
+            raise ValueError(f"mixup and cutmix mix the labels of two classes or more; this data has {num_classes}")
+        self.mixes = ([v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []) + \
+                     ([v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else [])
+
+    def __bool__(self) -> bool:
+        return bool(self.mixes)
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(targets) < 2:  # nothing to mix with
+            return images, targets
+        mix = self.mixes[int(torch.randint(len(self.mixes), ()))] if len(self.mixes) > 1 else self.mixes[0]
+        return mix(images, targets)
+
+
+def averaged(model: nn.Module, decay: float) -> nn.Module:
+    """An exponential moving average of `model`'s weights (and its BatchNorm statistics), updated
+    by `.update_parameters(model)` after each optimizer step."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def augmenter(name: str, seed: int):
+    """A function (3, h, w) uint8 -> (3, h, w) uint8 applying `name`'s random policy to one image,
+    drawing from its own seeded generator; None for "none"."""
+    from torchvision.transforms import v2
+
+    if name == "none":
+        return None
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {name!r}; valid: {', '.join(AUGMENTATIONS)}")
+    policy = v2.TrivialAugmentWide() if name == "trivialaugment" else v2.RandAugment()
+    draws = random.Random(seed)
+
+    def apply(image: torch.Tensor) -> torch.Tensor:
+        # v2's policies draw from torch's global generator: fork it, seeded from ours, so that the
+        # images' augmentation is reproducible and leaves every other draw as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(draws.getrandbits(63))
+            return policy(image)
+    return apply
