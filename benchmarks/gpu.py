@@ -7,8 +7,10 @@ Needs a CUDA GPU and the project installed (`make install`); without CUDA it say
 Per model: each stage's process seconds and in-stage seconds (after imports), training images/s
 (after the first epoch), the batch-8 limit (the same model's training step on tensors already on
 the GPU, with the settings `auto` chose), and the tutorial's recipe (its procedure, 4 DataLoader
-workers, same split and seed) on the same GPU. squeezenet and resnet18 get random weights under
-torchvision's own cache file names, as speed.py does; efficientnet_lite0 has its real ones.
+workers, same split and seed) on the same GPU, with cuDNN's autotuning on as transferlab has it
+(the tutorial leaves it off: measured so, the comparison would credit transferlab with it).
+squeezenet and resnet18 get random weights under torchvision's own cache file names, as speed.py
+does; efficientnet_lite0 has its real ones.
 """
 from __future__ import annotations
 
@@ -26,6 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import ROOT, bench_env, make_project, set_params, sh, timed  # noqa: E402
 
 MODES = ("finetune", "extract", "scratch")
+# Runs a script as `python script args...` does, with cudnn.benchmark on as pick_hardware sets it.
+AUTOTUNED = ("import runpy, sys, torch; torch.backends.cudnn.benchmark = True; sys.argv = sys.argv[1:]; "
+             "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def baseline_command(script: Path, *args: str) -> list[str]:
+    """The command that runs `script` (the tutorial's recipe) with cuDNN's autotuning on."""
+    return [sys.executable, "-c", AUTOTUNED, str(script), *args]
 
 
 def batch8_limit(model_name: str, report: dict, steps: int = 50) -> float:
@@ -74,8 +84,8 @@ def bench(project: Path, model: str, epochs: int, env: dict) -> dict:
     row["in_stage_s"]["evaluate"] = json.loads((project / "reports/eval.json").read_text())["wall_seconds"]
     row["base"] = {}
     for mode in MODES:
-        out = sh([sys.executable, str(ROOT / "benchmarks/tutorial_baseline.py"), "--model", model, "--mode", mode,
-                  "--epochs", str(epochs), "--device", "cuda"], project, env)
+        out = sh(baseline_command(ROOT / "benchmarks/tutorial_baseline.py", "--model", model, "--mode", mode,
+                                  "--epochs", str(epochs), "--device", "cuda"), project, env)
         row["base"][mode] = json.loads(out.strip().splitlines()[-1])
     return row
 

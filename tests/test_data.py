@@ -108,3 +108,32 @@ def test_flip_rate_is_one_half_and_flips_mirror_the_crop(data):
     assert abs(np.mean(flips) - 0.5) < 0.03
     box = [0, 0, 40, 40]
     assert torch.equal(batches.crop(0, box, True), batches.crop(0, box, False).flip(-1))
+
+
+def test_batched_augmentation_draws_the_crops_of_the_one_by_one_path_and_matches_it(data):
+    """What a GPU runs (one batched antialiased resize for the whole batch) against what a CPU runs
+    (torch's F.interpolate per image): the same draws, and pixels within 1e-4 of 0-255 values
+    (float rounding in another order), so 2e-6 after normalisation."""
+    samples, store = data
+    images = DeviceImages(store, torch.device("cpu"))
+    one_by_one = TensorBatches(images, samples, ["a", "b"], PRE, 4, train=True, seed=3)
+    batched = TensorBatches(images, samples, ["a", "b"], PRE, 4, train=True, seed=3, batched=True)
+    for _ in range(3):
+        for (ours, our_targets), (theirs, their_targets) in zip(batched, one_by_one, strict=True):
+            assert torch.equal(our_targets, their_targets)
+            assert (ours - theirs).abs().max() < 1e-4 / (255 * min(PRE.std)), (ours - theirs).abs().max()
+        assert torch.equal(batched.generator.get_state(), one_by_one.generator.get_state())
+
+
+@pytest.mark.parametrize("resize_size", [40, 36, 44])
+def test_batched_evaluation_resizes_and_centre_crops_as_the_one_by_one_path(data, resize_size):
+    """The store holds the images at a 40-px short side: 40 only crops (exactly), 36 shrinks
+    (antialiased) and 44 enlarges them first."""
+    samples, store = data
+    pre = Preprocess(crop_size=32, resize_size=resize_size, mean=PRE.mean, std=PRE.std)
+    images = DeviceImages(store, torch.device("cpu"))
+    one_by_one = TensorBatches(images, samples, ["a", "b"], pre, 4, train=False)
+    batched = TensorBatches(images, samples, ["a", "b"], pre, 4, train=False, batched=True)
+    for (ours, _), (theirs, _) in zip(batched, one_by_one, strict=True):
+        tolerance = 0 if resize_size == 40 else 1e-4 / (255 * min(PRE.std))
+        assert (ours - theirs).abs().max() <= tolerance

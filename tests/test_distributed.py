@@ -7,10 +7,12 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,9 +22,9 @@ from conftest import CLASS_COLORS, copy_finished, make_image, run
 from torch import nn
 
 from transferlab import distributed
-from transferlab.data import ImageSource
-from transferlab.distributed import SINGLE, World, spawn
-from transferlab.engine import fit, make_optimizer, seed_everything
+from transferlab.data import ImageDataset, ImageSource, ShareOfBatches, build_transform, make_loader
+from transferlab.distributed import SINGLE, World, claim_gpu, spawn, use_least_used_gpu, whole_batch_sizes
+from transferlab.engine import fit, make_optimizer, seed_everything, train_one_epoch
 from transferlab.errors import UserError
 from transferlab.features import feature_loaders
 from transferlab.hardware import pick_hardware
@@ -43,6 +45,8 @@ BATCH = 5
 def test_the_shares_of_a_batch_cover_it_once(n, size):
     rows = [i for rank in range(size) for i in range(n)[World(rank, size).shard(n)]]
     assert rows == list(range(n))
+    assert [World(rank, size).share_size(n) for rank in range(size)] == [
+        len(range(n)[World(rank, size).shard(n)]) for rank in range(size)]
 
 
 # What distributed.py calls on torch.distributed that is no collective: the group's own lifecycle.
@@ -72,8 +76,8 @@ def backend_chosen(monkeypatch, device: str) -> str:
 def test_every_collective_runs_on_a_backend_that_moves_its_tensors(monkeypatch, device):
     """Each collective World calls, and DDP's gradient all-reduce, records the devices of the tensors
     it hands torch.distributed; each must be one that torch says the run's backend serves (nccl
-    alone would fail on the epoch's CPU statistics). On a CUDA run the loss count and the model
-    are on the GPU: fake tensors stand for them where there is none."""
+    alone would fail on the epoch's CPU statistics). On a CUDA run the BatchNorm buffers and the
+    model are on the GPU: fake tensors stand for them where there is none."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     backend = backend_chosen(monkeypatch, device)
@@ -95,7 +99,7 @@ def test_every_collective_runs_on_a_backend_that_moves_its_tensors(monkeypatch, 
     world.gather({"rows": 3})
     world.barrier()
     with FakeTensorMode() if device == "cuda" else contextlib.nullcontext():
-        world.mean_scale(3, here)
+        world.sync_buffers(nn.BatchNorm1d(2, device=here))  # BatchNorm's statistics, on the device
         world.wrap(nn.Linear(2, 2, device=here), here)
     assert {name for name, _ in calls} == collectives_called() | {"DistributedDataParallel"}
     assert {"cpu", device} <= set().union(*(devices for _, devices in calls))
@@ -275,3 +279,152 @@ def test_a_batch_smaller_than_the_number_of_processes_is_refused():
     with pytest.raises(UserError, match="train.batch_size is 1, fewer images than the 2 training processes"):
         check_batch_size(1, 2)
     check_batch_size(2, 2)
+
+
+def bn_net() -> nn.Module:  # trained BatchNorm: what makes several processes differ from one
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 2))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """11 training and 6 val images (batches of 5: 5, 5, 1), and their store."""
+    root = tmp_path_factory.mktemp("images")
+    def samples(split, n):
+        return [Sample(str(make_image(root / split / f"{c}{i}.png", color, seed=i + 10 * len(split))), c)
+                for c, color in CLASS_COLORS.items() for i in range(n)]
+    train, val = samples("train", 6)[:-1], samples("val", 3)
+    return train, val, open_store(train + val, PRE.resize_size, root / "store")
+
+
+def test_every_process_knows_the_whole_batches_it_has_a_share_of(images):
+    """The loss scale comes from the whole batch's size, which each process works out from its
+    loader (no collective per step): it must be the size of the batch each share is cut from."""
+    train, _, store = images
+    world = World(rank=1, size=2)
+    hw = replace(pick_hardware("cpu", "fp32", False, 0, False, False), tensor_batches=True)
+    dataset = ImageDataset(train, CLASSES, build_transform(PRE, True), store)
+    loaders = [make_loader(dataset, BATCH, True, 0, world=world),
+               ImageSource(store).batches(train, CLASSES, PRE, BATCH, True, 0, hw, world=world),
+               torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(11, 2), torch.zeros(11)),
+                                           batch_sampler=ShareOfBatches(torch.utils.data.BatchSampler(
+                                               range(11), BATCH, False), world))]  # the feature cache's
+    for loader in loaders:
+        assert whole_batch_sizes(loader) == [5, 5, 1]
+        assert [len(targets) for _, targets in loader] == [world.share_size(n) for n in [5, 5, 1]] == [3, 3, 1]
+
+
+def test_a_training_step_of_several_processes_has_no_collective_of_its_own(images, monkeypatch):
+    """DDP's gradient all-reduce apart, a step calls no collective (the whole batch's size is known
+    to every process): the epoch's statistics are summed once, at its end."""
+    train, _, store = images
+    calls = []
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *args, **kwargs: calls.append(tensor.tolist()))
+    world = World(rank=0, size=2)
+    loader = make_loader(ImageDataset(train, CLASSES, build_transform(PRE, True), store), BATCH, True, 0, world=world)
+    model = tiny_net()
+    hw = pick_hardware("cpu", "fp32", False, 0, False, False)
+    stats = train_one_epoch(model, loader, make_optimizer(list(model.parameters()), "sgd", 0.05, 0.9, 0.0), hw,
+                            hw.grad_scaler(), world=world)
+    assert len(calls) == 1 and calls[0][2] == stats.images == 2 + 2 + 0  # rank 0's shares: the sum is faked
+    assert world.mean_scale(5) == 2 / 5
+
+
+def test_batchnorm_is_synchronised_on_cuda_and_said_not_to_be_on_a_cpu(monkeypatch, capfd):
+    """With several processes on CUDA every BatchNorm layer becomes a SyncBatchNorm (normalising
+    over the whole batch, as one process does) with the same parameters and buffers; gloo has no
+    SyncBatchNorm: a warning says so, and a share of one image is refused."""
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", lambda module, device_ids: module)
+    world, model = World(rank=0, size=2), bn_net()
+    tensors = {id(t) for t in [*model.parameters(), *model.buffers()]}
+    wrapped = world.wrap(model, torch.device("cuda", 0))
+    assert wrapped is model and {type(m) for m in model.modules()} & {nn.BatchNorm2d, nn.SyncBatchNorm} == {
+        nn.SyncBatchNorm}
+    assert {id(t) for t in [*model.parameters(), *model.buffers()]} == tensors  # what the optimizer holds
+    world.check_batchnorm(model, torch.device("cuda", 0), 2)  # synchronised: nothing to say
+    assert capfd.readouterr().err == ""
+
+    on_cpu = bn_net()
+    world.wrap(on_cpu, torch.device("cpu"))
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in on_cpu.modules())
+    world.check_batchnorm(on_cpu, torch.device("cpu"), 5)
+    assert "each BatchNorm layer normalises over its process's share of every batch (2 of 5 images)" in \
+        capfd.readouterr().err
+    with pytest.raises(UserError, match="1 image per process per batch.*Raise batch_size to 4 or more"):
+        world.check_batchnorm(on_cpu, torch.device("cpu"), 3)
+    on_cpu[1].requires_grad_(False)  # frozen: it keeps its statistics, and normalises alike everywhere
+    world.check_batchnorm(on_cpu, torch.device("cpu"), 3)
+    World(rank=1, size=2).check_batchnorm(bn_net(), torch.device("cpu"), 5)  # rank 0 alone warns
+    assert capfd.readouterr().err == ""
+
+
+def batchnorm_buffers(world: World, train: list[Sample], val: list[Sample], store_dir: Path, out: Path) -> None:
+    """One epoch of bn_net; each process saves the BatchNorm statistics it scored val with."""
+    hw = replace(pick_hardware("cpu", "fp32", False, 0), tensor_batches=True)
+    source = ImageSource(open_store(train + val, PRE.resize_size, store_dir))
+    seed_everything(0)
+    model = bn_net()
+    scored = []
+    model[1].register_forward_pre_hook(lambda module, args: scored.append(
+        [module.running_mean.clone(), module.running_var.clone()]) if not module.training else None)
+    fit(model, source.batches(train, CLASSES, PRE, BATCH, True, 0, hw, world=world),
+        source.batches(val, CLASSES, PRE, BATCH, False, 0, hw, world=world),
+        make_optimizer(list(model.parameters()), "sgd", 0.05, 0.9, 0.0), None, 1, hw, world=world)
+    torch.save(scored, out / f"rank{world.rank}.pt")
+
+
+@pytest.mark.integration
+def test_every_process_scores_val_with_rank_0s_batchnorm_statistics(images, tmp_path):
+    """After an epoch's last step each process's running statistics are its own share's; val
+    (and the best epoch) must be scored with rank 0's, the model that rank 0 keeps."""
+    train, val, store = images
+    spawn(partial(batchnorm_buffers, train=train, val=val, store_dir=store.folder.parent, out=tmp_path), 2, "cpu",
+          "test")
+    first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
+    assert (len(first), len(second)) == (1, 2)  # val's batches of 5 and 1, shared 2+3 and 0+1
+    for mean, var in second:
+        assert torch.equal(mean, first[0][0]) and torch.equal(var, first[0][1])
+
+
+def release_claims() -> None:
+    while distributed._claimed:
+        distributed._claimed.pop().release()
+
+
+def test_runs_of_one_process_spread_over_the_gpus(tmp_path):
+    """`dvc queue start -j 2` on a 2-GPU machine: each stage process takes the GPU with the fewest
+    transferlab processes on it (a lock file per GPU and place), the first among equals; the
+    place is free again once its process ends."""
+    gpus = ["GPU-4f2a", "GPU-9c1e"]
+    try:
+        assert [claim_gpu(gpus, tmp_path) for _ in range(5)] == [0, 1, 0, 1, 0]
+        distributed._claimed[1].release()  # the experiment on GPU 1 finished
+        assert claim_gpu(gpus, tmp_path) == 1
+    finally:
+        release_claims()
+    other = subprocess.Popen([sys.executable, "-c", "import sys; from transferlab.distributed import claim_gpu; "
+                              f"print(claim_gpu({gpus!r}, {str(tmp_path)!r}), flush=True); sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "0"
+        assert claim_gpu(gpus, tmp_path) == 1  # another process holds GPU 0
+    finally:
+        other.communicate("")
+        release_claims()
+    assert claim_gpu(gpus, tmp_path) == 0  # it ended: its lock went with it
+    release_claims()
+
+
+def test_a_run_of_one_process_uses_the_gpu_it_claimed(tmp_path, monkeypatch):
+    """Faked: three visible GPUs here. CUDA_VISIBLE_DEVICES is torch's: these are the visible ones."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid=f"GPU-{i}"))
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    try:
+        assert [use_least_used_gpu("auto", tmp_path) for _ in range(4)] == [0, 1, 2, 0] == current
+        assert use_least_used_gpu("cpu", tmp_path) == 0 and len(current) == 4
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        assert use_least_used_gpu("cuda", tmp_path) == 0 and len(current) == 4  # one GPU: nothing to choose
+    finally:
+        release_claims()

@@ -1,13 +1,32 @@
 import platform
 import warnings
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from conftest import CLASS_COLORS, make_image
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from transferlab.data import ImageDataset, build_transform, make_loader
-from transferlab.engine import fit, make_optimizer, make_scheduler, predict, seed_everything, set_train_mode
+from transferlab.engine import (
+    EpochStats,
+    FitResult,
+    apply_resume,
+    fit,
+    fused_optimizer,
+    make_optimizer,
+    make_scheduler,
+    peak_device_memory_mb,
+    predict,
+    read_resume,
+    rng_state,
+    save_resume,
+    seed_everything,
+    set_train_mode,
+)
 from transferlab.errors import UserError
 from transferlab.hardware import pick_hardware
 from transferlab.images import Sample
@@ -171,3 +190,105 @@ def test_fit_with_onecycle_ends_at_a_tiny_lr(loaders_data):
     fit(model, train_loader, val_loader, optimizer, schedule, 3, hw)
     assert schedule.last_epoch == 3 * len(train_loader)  # stepped after every batch
     assert optimizer.param_groups[0]["lr"] < 0.05 / 25  # annealed below where it started
+
+
+aten = torch.ops.aten
+
+
+class OnAnotherDevice(TorchDispatchMode):
+    """Runs what the loop runs on the meta device, standing for a GPU (an Apple one has no
+    float64), and records every float64 tensor made off the CPU. A read back to the host (a
+    copy to the CPU, `.item()`) of a meta tensor, which has no values, gives zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.float64, self.reads = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        source = next((a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)), None)
+        if source is not None and source.device.type == "meta":
+            if func is aten._local_scalar_dense.default:
+                self.reads.append(func)
+                return 0
+            if func is aten._to_copy.default and kwargs.get("device") == torch.device("cpu"):
+                self.reads.append(func)
+                return torch.zeros(source.shape, dtype=kwargs.get("dtype") or source.dtype)
+        out = func(*args, **kwargs)
+        self.float64 += [func for t in tree_flatten(out)[0]
+                         if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.device.type != "cpu"]
+        return out
+
+
+def test_no_float64_tensor_is_made_on_the_device(loaders_data):
+    """MPS has no float64, and `device: auto` picks it on every Apple-silicon Mac: training and
+    val must add up and take softmax in float64 on the host only."""
+    train, val, store = loaders_data
+    hw = replace(pick_hardware("cpu", "fp32", False, 0, False, False), device=torch.device("meta"))
+    train_loader = make_loader(ImageDataset(train, CLASSES, build_transform(PRE, True), store), 4, True, 0)
+    val_loader = make_loader(ImageDataset(val, CLASSES, build_transform(PRE, False), store), 4, False, 0)
+    model = tiny_net()
+    optimizer = make_optimizer(list(model.parameters()), "sgd", 0.05, 0.9, 0.0)
+    with OnAnotherDevice() as device:
+        result = fit(model, train_loader, val_loader, optimizer, None, 2, hw)
+        predictions = predict(model, val_loader, hw)
+    assert [r["epoch"] for r in result.history] == [1, 2] and predictions.probs.dtype == np.float64
+    assert device.reads and device.float64 == []
+
+
+def test_deterministic_asks_for_deterministic_kernels_and_warns_where_there_are_none():
+    """vgg, alexnet and googlenet's adaptive average pooling has no deterministic CUDA backward:
+    with `deterministic: true` they must train (warning), not crash."""
+    try:
+        seed_everything(0, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert not torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_a_resume_state_keeps_the_device_generator_of_each_process(tmp_path, monkeypatch, loaders_data):
+    """Dropout and stochastic depth draw from the GPU's generator: a resumed run must not replay
+    epoch 1's masks. Faked: there is no GPU here."""
+    device = torch.device("cuda", 1)
+    draws, restored = {1: torch.tensor([7, 7], dtype=torch.uint8)}, {}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda index="cuda": draws[torch.device(index).index].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index="cuda": restored.update(
+        {torch.device(index).index: state}))
+    hw = replace(pick_hardware("cpu", "fp32", False, 0, False, False), device=device)
+    result = FitResult(history=[{"epoch": 1}], best_val=EpochStats(0.5, 1.0, 4, 1.0))
+    save_resume(tmp_path / "resume.pt", result, {}, [rng_state([], device)], hw)
+    draws[1] = torch.tensor([9, 9], dtype=torch.uint8)  # later draws moved it on
+    apply_resume(read_resume(tmp_path / "resume.pt"), {}, [], 0, device)
+    assert restored.keys() == {1} and restored[1].tolist() == [7, 7]
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_a_fused_optimizer_takes_an_fp16_step_without_reading_the_device(name):
+    """GradScaler.step reads its inf check back to the host (`.item()`, a synchronisation per
+    step) unless the optimizer is fused: fused on CUDA. Checked on the CPU, which has the kernels."""
+    assert fused_optimizer(torch.device("cuda")) and not fused_optimizer(torch.device("cpu"))
+    reads = {}
+    for fused in (False, True):
+        weight = nn.Parameter(torch.randn(3))
+        optimizer, scaler = make_optimizer([weight], name, 0.1, 0.9, 0.0, fused), torch.amp.GradScaler("cpu")
+        scaler.scale(weight.square().sum()).backward()
+        with Recorder() as calls:
+            scaler.step(optimizer)
+            scaler.update()
+        reads[fused] = calls.count(aten._local_scalar_dense.default)
+    assert reads[False] >= 1 and reads[True] == 0
+
+
+class Recorder(TorchDispatchMode, list):
+    """Every op run, in order."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_peak_gpu_memory_is_reported_where_there_is_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20 if device.index == 1 else 0)
+    assert peak_device_memory_mb(torch.device("cuda", 1)) == 3.0
+    assert peak_device_memory_mb(torch.device("cpu")) is None

@@ -3,11 +3,15 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import CLASS_COLORS, make_image
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
-from transferlab.data import ImageSource
+from transferlab import hardware
+from transferlab.data import ImageSource, ShareOfBatches, collate_share
+from transferlab.distributed import SINGLE
 from transferlab.engine import fit, make_optimizer, predict, seed_everything
-from transferlab.features import OneViewPerImage, feature_loaders, split_off_head
-from transferlab.hardware import pick_hardware
+from transferlab.features import OneViewPerImage, embed, feature_loaders, split_off_head
+from transferlab.hardware import Hardware, pick_hardware
 from transferlab.images import Sample
 from transferlab.models import build_model, trainable_parameters
 from transferlab.store import open_store
@@ -142,3 +146,79 @@ def test_a_resumed_extract_run_ends_with_the_weights_of_an_uninterrupted_one(sam
     run(2, tmp_path / "resume.pt")  # stopped after epoch 2, its state saved
     resumed = run(4, tmp_path / "resume.pt")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_the_backbone_embeds_in_passes_of_the_inference_size_whatever_the_batches():
+    """Ten images in batches of 4, passes of 6: the backbone sees 6 and 6 (the last padded, one
+    shape for cuDNN to tune), and the embeddings are those of the batches, in order."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.Linear(5, 2))
+    seen = []
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(len(inputs[0])))
+    images, targets = torch.randn(10, 3, 2, 2), torch.arange(10)
+    loader = [(images[i:i + 4], targets[i:i + 4]) for i in range(0, 10, 4)]
+    hw = pick_hardware("cpu", "fp32", False, 0)
+    one_by_one = list(embed(model, model[2], loader, hw))
+    assert seen == [4, 4, 2]
+    seen.clear()
+    passes = list(embed(model, model[2], loader, replace(hw, inference_images=6)))
+    assert seen == [6, 6]
+    assert torch.equal(torch.cat([t for _, t in passes]), targets)
+    assert torch.allclose(torch.cat([e for e, _ in passes]), torch.cat([e for e, _ in one_by_one]), atol=1e-6)
+
+
+def reference_loaders(train_x, train_y, val_x, val_y, batch_size, rows, views, seed):
+    """The DataLoaders extract's head trained on before (row by row, collated): the reference."""
+    generator = torch.Generator().manual_seed(seed)
+    sampler = OneViewPerImage(rows, len(train_y) // views, views, generator)
+    train = DataLoader(TensorDataset(train_x, train_y), batch_sampler=ShareOfBatches(
+        BatchSampler(sampler, batch_size, False), SINGLE), collate_fn=collate_share, generator=generator)
+    val = DataLoader(TensorDataset(val_x, val_y), batch_sampler=ShareOfBatches(
+        BatchSampler(SequentialSampler(val_x), batch_size, False), SINGLE), collate_fn=collate_share)
+    return train, val
+
+
+def test_head_only_batches_are_taken_batch_wise_with_the_data_loaders_draws(samples, tmp_path, monkeypatch):
+    hw = pick_hardware("cpu", "fp32", False, 0)
+    built = build_model("resnet", 2, pretrained=False, freeze="all")
+    train, val = samples
+    source = ImageSource(open_store(train + val, built.preprocess.resize_size, tmp_path))
+    _, train_loader, val_loader = feature_loaders(built, train, val, 4, 2, hw, 0, tmp_path, lambda split, augment: (
+        source.batches(split, CLASSES, built.preprocess, 4, augment, 0, hw, shuffle=False)))
+    reference = reference_loaders(*train_loader.dataset.tensors, *val_loader.dataset.tensors, 4,
+                                  torch.arange(len(train)), 2, 0)
+    torch.manual_seed(5)  # the val DataLoader draws a seed from torch's own generator each epoch: so must ours
+    theirs = [list(loader) for _ in range(2) for loader in reference]
+    after_theirs = torch.get_rng_state()
+    torch.manual_seed(5)
+    ours = [list(loader) for _ in range(2) for loader in (train_loader, val_loader)]
+    assert torch.equal(torch.get_rng_state(), after_theirs)
+    assert [len(epoch) for epoch in ours] == [len(epoch) for epoch in theirs] == [3, 2, 3, 2]
+    for epoch, reference_epoch in zip(ours, theirs):
+        for batch, reference_batch in zip(epoch, reference_epoch):
+            assert all(torch.equal(a, b) for a, b in zip(batch, reference_batch, strict=True))
+    fetched = []
+    monkeypatch.setattr(TensorDataset, "__getitem__", lambda self, i: fetched.append(i))
+    for loader in (train_loader, val_loader):
+        list(loader)
+    assert fetched == []  # one index per batch, no fetch of row after row
+
+
+def test_an_embedding_cache_that_fits_the_device_is_uploaded_there(samples, tmp_path, monkeypatch):
+    cpu = pick_hardware("cpu", "fp32", False, 0)
+    built = build_model("resnet", 2, pretrained=False, freeze="all")
+    train, val = samples
+    source = ImageSource(open_store(train + val, built.preprocess.resize_size, tmp_path))
+
+    def loaders(hw):
+        return feature_loaders(built, train, val, 4, 2, hw, 0, tmp_path, lambda split, augment: source.batches(
+            split, CLASSES, built.preprocess, 4, augment, 0, cpu, shuffle=False))
+    loaders(cpu)  # the cache, built on the CPU
+    meta = Hardware(torch.device("meta"), None, False, 0, pin_memory=False, keep_freed_memory=False)
+    monkeypatch.setitem(hardware.FREE_MEMORY, "meta", lambda device: 1 << 40)
+    _, train_loader, val_loader = loaders(meta)
+    for loader in (train_loader, val_loader):
+        assert {t.device.type for batch in loader for t in batch} == {"meta"}
+    monkeypatch.setitem(hardware.FREE_MEMORY, "meta", lambda device: 1000)  # too little: stays mapped
+    _, train_loader, _ = loaders(meta)
+    assert {t.device.type for batch in train_loader for t in batch} == {"cpu"}

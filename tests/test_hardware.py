@@ -1,19 +1,29 @@
 """hardware.py: `auto` decided by measurement, and decided alike when measured again."""
 import json
+import time
 
 import pytest
+import torch
 from torch import nn
+from torch.utils.data import BatchSampler
 
+from transferlab.data import ShareOfBatches
+from transferlab.distributed import World
+from transferlab.errors import UserError
 from transferlab.hardware import (
     MIN_MARGIN,
     MIN_ROUNDS,
+    Hardware,
     Workload,
     _warm_up,
+    candidate_settings,
     choose,
     decide,
     pick_fastest,
     pick_hardware,
     run_rounds,
+    time_candidates,
+    warm_up,
 )
 
 
@@ -30,8 +40,8 @@ def test_candidates_that_cost_the_same_decide_the_simplest_every_time(tmp_path):
         assert hw.decision["measured_now"] and hw.decision["margin"] >= MIN_MARGIN
         chosen.append(hw.decision["chosen"])
     assert chosen == ["fp32"] * 5, chosen
-    step = _warm_up(pick_hardware("cpu", "fp32", False, 0), {"precision": "fp32", "channels_last": False},
-                    work, model, 60.0)
+    step, _ = _warm_up(pick_hardware("cpu", "fp32", False, 0), {"precision": "fp32", "channels_last": False},
+                       work, model)
     twins = [choose(run_rounds({"first": step, "second": step}), ["first", "second"]) for _ in range(20)]
     assert twins == ["first"] * 20, twins
 
@@ -98,3 +108,92 @@ def test_a_pinned_input_path_is_not_measured(tmp_path):
     measured = decide(pick_hardware("cpu", "fp32", False, 0, False, "auto"), work, tmp_path, ["x"],
                       input_seconds=lambda tensor: timed.append(tensor) or (0.001 if tensor else 0.002))
     assert timed == [False, True] and measured.tensor_batches and measured.decision["input_path"] == "tensor batches"
+
+
+class AutotunesFirst(nn.Module):
+    """A linear probe whose bf16 candidate pays a second and more on its first call (as cuDNN's
+    autotuning does on a GPU), then runs as fast as fp32."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.tuned = nn.Linear(3 * 4 * 4, 2), False
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled("cpu") and not self.tuned:
+            time.sleep(1.2)
+            self.tuned = True
+        return self.linear(images.flatten(1))
+
+
+def test_first_calls_that_autotune_do_not_drop_a_candidate_as_stalled():
+    work = Workload(AutotunesFirst(), crop_size=4, train_images=8, infer_images=0, train_batch=8, infer_batch=8)
+    candidates = candidate_settings(pick_hardware("cpu", "auto", False, 0), ["precision"])
+    samples, dropped = time_candidates(pick_hardware("cpu", "auto", False, 0), candidates, work)
+    assert samples["fp32"] and samples["bf16"] and not dropped, dropped
+
+
+def test_a_candidate_much_slower_once_warm_is_dropped_with_the_reason():
+    class Emulated(nn.Module):  # bf16 that the hardware only emulates: slow on every call
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3 * 4 * 4, 2)
+
+        def forward(self, images):
+            time.sleep(0.6 if torch.is_autocast_enabled("cpu") else 0.0)
+            return self.linear(images.flatten(1))
+    work = Workload(Emulated(), crop_size=4, train_images=8, infer_images=8, train_batch=8, infer_batch=8)
+    hw = pick_hardware("cpu", "auto", False, 0)
+    samples, dropped = time_candidates(hw, candidate_settings(hw, ["precision"]), work)
+    assert samples["fp32"] and samples["bf16"] is None and "stalled" in dropped["bf16"], dropped
+
+
+def test_bf16_is_a_candidate_only_where_the_gpu_has_bf16_kernels(monkeypatch):
+    """A V100 or a T4 runs bf16 by emulation: slow kernels, not a candidate."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    cuda = Hardware(torch.device("cuda"), None, False, 0, pin_memory=True, keep_freed_memory=False)
+    assert list(candidate_settings(cuda, ["precision"])) == ["fp32", "fp16"]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert list(candidate_settings(cuda, ["precision"])) == ["fp32", "bf16", "fp16"]
+
+
+class NoDeterministicKernel(nn.Module):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("adaptive_avg_pool2d_backward_cuda does not have a deterministic implementation, but "
+                           "you set 'torch.use_deterministic_algorithms(True)'\nmore lines")
+
+
+def test_when_every_candidate_fails_the_message_says_why(tmp_path):
+    work = Workload(NoDeterministicKernel(), crop_size=2, train_images=4, infer_images=0, train_batch=4, infer_batch=4)
+    with pytest.raises(UserError, match=r"fp32: failed: RuntimeError: adaptive_avg_pool2d_backward_cuda does not "
+                                        r"have a deterministic implementation.*bf16: failed.*train.deterministic"):
+        decide(pick_hardware("cpu", "auto", False, 0), work, tmp_path, ["x"])
+    with pytest.raises(UserError, match="fp32: failed: RuntimeError: adaptive"):  # read back from the cache
+        decide(pick_hardware("cpu", "auto", False, 0), work, tmp_path, ["x"])
+
+
+@pytest.mark.parametrize("images, batch, processes", [(100, 8, 3), (10, 4, 2), (7, 8, 2), (3, 8, 4)])
+def test_each_process_warms_up_the_shares_of_the_batches_it_meets(images, batch, processes):
+    """The shares World.shard gives, full batches and the tail, on every process (not only the
+    one that measured): a first call of a share is no stall in the middle of an epoch."""
+    seen = []
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 2 * 2, 2))
+    model.register_forward_hook(lambda module, inputs, output: seen.append((len(inputs[0]), module.training)))
+    work = Workload(model, 2, train_images=images, infer_images=images, train_batch=batch, infer_batch=batch,
+                    processes=processes)
+    for rank in range(processes):
+        world = World(rank, processes)
+        met = {len(share) for share in ShareOfBatches(BatchSampler(range(images), batch, False), world)} - {0}
+        assert {size for size, train in work.shapes(rank) if train} == met
+        assert {size for size, train in work.shapes(rank) if not train} == met
+        seen.clear()
+        warm_up(Hardware(torch.device("meta"), None, False, 0, False, False), work, rank)
+        assert sorted(seen) == sorted(work.shapes(rank))
+    assert set(work.shapes()) == {shape for rank in range(processes) for shape in work.shapes(rank)}
+
+
+def test_a_cpu_has_no_first_calls_to_pay_before_the_loop():
+    seen = []
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    model.register_forward_hook(lambda *args: seen.append(1))
+    warm_up(pick_hardware("cpu", "fp32", False, 0), Workload(model, 2, 8, 8, 4, 4), 0)
+    assert seen == []

@@ -130,3 +130,35 @@ def test_heads_and_freezing_use_timms_own_layout():
     assert built.model(torch.randn(1, 3, 160, 160)).shape == (1, 4)
     again = rebuild_model(built.arch, built.arch_kwargs, 4, HeadSpec((8,), 0.2))
     again.load_state_dict(built.model.state_dict())  # a checkpoint's state dict fits the rebuilt model
+
+
+@pytest.mark.integration
+def test_a_timm_model_runs_the_pipeline_the_leaderboard_and_a_learning_curve(tmp_path):
+    """model: timm/... through the real tools, its weights from an offline Hugging Face cache."""
+    import json
+
+    import yaml
+    from conftest import git_commit, run, tiny_project
+
+    project, env = tiny_project(tmp_path, archs=(), epochs=1, batch_size=4)
+    written = {k: torch.randn_like(v) for k, v in timm.create_model(TINY[5:]).state_dict().items()}
+    write_hub_cache(tmp_path / "hub_home", TINY, written)
+    env.update(HF_HOME=str(tmp_path / "hub_home"), HF_HUB_OFFLINE="1")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["model"] = TINY
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["dvc", "repro"], project, env)
+    decoded = json.loads((project / "data/decode.json").read_text())
+    assert (decoded["min_side"], decoded["interpolation"]) == (168, "bicubic")  # timm's config: 160 / 0.95
+    report = json.loads((project / "reports/train/extract.json").read_text())
+    assert report["backbone"] == {"kind": "supervised", "embedding_size": written["head.weight"].shape[1],
+                                  "parameters": sum(v.numel() for k, v in written.items() if not k.startswith("head."))}
+    git_commit(project, "a timm run")
+    board = run(["transferlab", "compare", "HEAD"], project, env).stdout
+    assert TINY in board and "| supervised |" in board and "| random init |" in board
+    curve = yaml.safe_load((project / "curves/params.yaml").read_text())
+    curve["curve"].update(images_per_class=[2, "all"], modes=["extract"], seeds=[0])
+    (project / "curves/params.yaml").write_text(yaml.safe_dump(curve, sort_keys=False))
+    run(["transferlab", "curve"], project, env)
+    rows = json.loads((project / "curves/curve.json").read_text())["rows"]
+    assert [(r["mode"], r["images_per_class"]) for r in rows] == [("extract", 2), ("extract", "all")]

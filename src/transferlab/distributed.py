@@ -9,23 +9,36 @@ two take the same optimizer steps on the same images. Rank 0 alone writes output
 
 The train stage starts its processes itself (`train.processes`), or is started by torchrun,
 which sets RANK, WORLD_SIZE and the rendezvous in the environment (several machines).
+
+Trained BatchNorm layers are what keeps several processes from being one: each normalises over
+the images it is given. On CUDA they become SyncBatchNorm, which normalises over every process's
+share of the batch, as one process does; gloo (a CPU) has no SyncBatchNorm, so there each process
+normalises over its own share (said once, in a warning and in the report). Either way every
+process scores val with rank 0's running statistics.
+
+A run of one process on a machine with several GPUs takes the one with the fewest transferlab
+processes on it (`claim_gpu`), so that `dvc queue start -j N` spreads its experiments over them.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import sys
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from filelock import FileLock, Timeout
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from transferlab.errors import UserError
+from transferlab.errors import UserError, warn
 from transferlab.store import cpu_count
 
 
@@ -44,6 +57,10 @@ class World:
         """This process's contiguous share of a batch of n rows (shares differ by one at most)."""
         return slice(n * self.rank // self.size, n * (self.rank + 1) // self.size)
 
+    def share_size(self, n: int) -> int:
+        """How many rows of a batch of n this process computes."""
+        return n * (self.rank + 1) // self.size - n * self.rank // self.size
+
     def sum(self, values: list[float]) -> list[float]:
         """Each value summed over the processes."""
         if self.size == 1:
@@ -52,16 +69,12 @@ class World:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
-    def mean_scale(self, images_here: int, device: torch.device) -> float | torch.Tensor:
+    def mean_scale(self, whole_batch: int) -> float:
         """What turns this process's summed loss into its part of the whole batch's mean loss:
         DDP's gradient averaging divides by the number of processes, so that number over the
-        batch's images, counted over all processes (in a world of one, no device tensor: no copy
-        to a GPU per step)."""
-        if self.size == 1:
-            return 1.0 / images_here
-        count = torch.tensor(float(images_here), device=device)
-        dist.all_reduce(count)
-        return self.size / count
+        whole batch's images (every process's share: `whole_batch_sizes`). A host float: no
+        collective and no device tensor per step."""
+        return self.size / whole_batch
 
     def broadcast(self, value):
         """Rank 0's `value`, on every process (any picklable object)."""
@@ -83,13 +96,80 @@ class World:
         if self.size > 1:
             dist.barrier()
 
+    def syncs_batchnorm(self, device: torch.device) -> bool:
+        """Whether trained BatchNorm layers normalise over the whole batch here: with several
+        processes only on CUDA (nccl); torch's SyncBatchNorm has no CPU (gloo) kernels."""
+        return self.size == 1 or device.type == "cuda"
+
+    def check_batchnorm(self, model: nn.Module, device: torch.device, whole_batch: int) -> None:
+        """Refuse, or warn about (rank 0), trained BatchNorm layers that normalise over a share of
+        each batch rather than all of it: several processes where SyncBatchNorm cannot run."""
+        if self.syncs_batchnorm(device) or not trains_batchnorm(model):
+            return
+        share = whole_batch // self.size
+        if share < 2:
+            raise UserError(f"train.batch_size {whole_batch} over {self.size} processes on {device.type} is "
+                            f"{share} image per process per batch, and this model's BatchNorm layers would "
+                            f"normalise over that one image: SyncBatchNorm, which normalises over the whole "
+                            f"batch, needs CUDA. Raise batch_size to {2 * self.size} or more, or set "
+                            f"train.processes to 1")
+        if self.main:
+            warn(f"{self.size} processes on {device.type}: each BatchNorm layer normalises over its process's "
+                 f"share of every batch ({share} of {whole_batch} images), not over the whole batch as one "
+                 f"process does (SyncBatchNorm needs CUDA), so the results will differ from one process's")
+
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """The model whose backward all-reduces its gradients (itself, in a world of one)."""
+        """The model whose backward all-reduces its gradients (itself, in a world of one). On CUDA
+        its BatchNorm layers become SyncBatchNorm, in `model` itself (the same parameters and
+        buffers, so the optimizer and state_dict are unchanged)."""
         if self.size == 1:
             return model
-        # Frozen BatchNorm layers keep ImageNet statistics on every rank; trained ones are
-        # broadcast from rank 0 before each forward (DDP's default), as in most DDP recipes.
+        if self.syncs_batchnorm(device):
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # Frozen BatchNorm layers keep ImageNet statistics on every rank; trained ones' buffers are
+        # broadcast from rank 0 before each forward (DDP's default) and before val (sync_buffers).
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm's running statistics) on every process: after the last step
+        of an epoch each process's differ (it updated them with its own share), and val must score
+        the model rank 0 keeps."""
+        if self.size == 1:
+            return
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def trains_batchnorm(model: nn.Module) -> bool:
+    """Whether any BatchNorm layer of `model` trains (a frozen one keeps its statistics: engine.set_train_mode)."""
+    return any(isinstance(m, _BatchNorm) and any(p.requires_grad for p in m.parameters()) for m in model.modules())
+
+
+def batchnorm_statistics(model: nn.Module, device: torch.device, world_size: int) -> str | None:
+    """How trained BatchNorm layers normalised, for the train report (None: none trains)."""
+    if not trains_batchnorm(model):
+        return None
+    if world_size == 1:
+        return "over each batch"
+    if World(size=world_size).syncs_batchnorm(device):
+        return "over each whole batch (SyncBatchNorm)"
+    return "over each process's share of a batch (no SyncBatchNorm without CUDA)"
+
+
+def whole_batch_sizes(loader) -> list[int]:
+    """How many images each batch of `loader` holds, every process's share together, in order:
+    what every process knows without asking the others. For data.py's two kinds of loaders: a
+    DataLoader over ShareOfBatches (or any BatchSampler) and TensorBatches."""
+    batches = getattr(loader, "batch_sampler", None)
+    batches = getattr(batches, "batches", batches)  # ShareOfBatches holds the whole batches' sampler
+    if batches is not None and hasattr(batches, "sampler"):
+        images, size, drop_last = len(batches.sampler), batches.batch_size, batches.drop_last
+    elif hasattr(loader, "samples") and hasattr(loader, "batch_size"):
+        images, size, drop_last = len(loader.samples), loader.batch_size, False
+    else:
+        raise TypeError(f"{type(loader).__name__}: not a loader whose whole batches are known")
+    tail = 0 if drop_last else images % size
+    return [size] * (images // size) + ([tail] if tail else [])
 
 
 SINGLE = World()
@@ -101,6 +181,44 @@ def resolve_processes(processes: int | str, device: str) -> int:
         return int(processes)
     gpus = torch.cuda.device_count() if device in ("auto", "cuda") else 0
     return max(1, gpus)
+
+
+# A process claims a GPU by holding a lock file per GPU and place in line, the first free one in
+# the order: every GPU's first place (by index), then every GPU's second, ... At most this many.
+GPU_PLACES = 64
+_claimed: list[FileLock] = []  # held until this process exits, when the system releases them
+
+
+def claim_gpu(gpu_ids: list[str], lock_dir: Path) -> int:
+    """The index, among `gpu_ids` (the visible GPUs, by UUID: the same GPU has the same lock
+    whatever CUDA_VISIBLE_DEVICES numbers it), of a GPU with the fewest transferlab processes on
+    it, the lowest index among equals, claimed for this process's life (the system releases the
+    lock when it exits, however): the stages of `dvc queue start -j N`, each a process, spread over
+    the GPUs. (Fewest exactly while they end in the order they started; when an earlier one ends
+    first, its place goes first.) Once every place is taken, GPU 0."""
+    Path(lock_dir).mkdir(parents=True, exist_ok=True)
+    for place in range(GPU_PLACES):
+        for index, gpu in enumerate(gpu_ids):
+            lock = FileLock(str(Path(lock_dir) / f"gpu-{re.sub(r'[^A-Za-z0-9-]', '_', gpu)}-{place}.lock"))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue
+            _claimed.append(lock)
+            return index
+    return 0
+
+
+def use_least_used_gpu(device: str, lock_dir: Path) -> int:
+    """Which GPU a run of one process uses: where `device` is CUDA and several are visible, the
+    one `claim_gpu` picks, made the current device (so that what names no index goes there too);
+    else 0."""
+    gpus = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+    if gpus < 2:
+        return 0
+    index = claim_gpu([str(torch.cuda.get_device_properties(i).uuid) for i in range(gpus)], lock_dir)
+    torch.cuda.set_device(index)
+    return index
 
 
 def started_by_torchrun() -> bool:

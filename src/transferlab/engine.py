@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
-from transferlab.distributed import SINGLE, World
+from transferlab.distributed import SINGLE, World, whole_batch_sizes
 from transferlab.errors import UserError, warn
 from transferlab.files import load_checkpoint, save_checkpoint
 from transferlab.hardware import Hardware
@@ -30,27 +30,49 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_device_memory_mb(device: torch.device) -> float | None:
+    """The most memory torch's allocator held at once on `device` so far (None off CUDA: on a
+    CPU, peak_rss_mb says it)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed python, numpy and torch (all devices); optionally demand deterministic kernels."""
+    """Seed python, numpy and torch (all devices); optionally ask for deterministic kernels.
+
+    Deterministic: every op that has a deterministic kernel uses it, and cuDNN autotuning is off.
+    An op without one (on CUDA, the backward of adaptive average pooling to vgg's 7x7, alexnet's
+    6x6 and googlenet's 4x4) warns once and runs as it is (warn_only): such a model trains, only
+    not bit for bit alike run after run."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
 
 
 def make_optimizer(params: list[nn.Parameter] | list[dict], name: str, lr: float, momentum: float,
-                   weight_decay: float) -> torch.optim.Optimizer:
-    """`params` may be groups with their own "lr" (discriminative learning rates)."""
+                   weight_decay: float, fused: bool = False) -> torch.optim.Optimizer:
+    """`params` may be groups with their own "lr" (discriminative learning rates). `fused`: one
+    kernel for the whole step (`fused_optimizer` says where)."""
+    extra = {"fused": True} if fused else {}
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **extra)
     if name == "adam":  # momentum is Adam's beta1, the same role
-        return torch.optim.Adam(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay, **extra)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay, **extra)
     raise ValueError(f"unknown optimizer {name!r}; valid: sgd, adam, adamw")
+
+
+def fused_optimizer(device: torch.device) -> bool:
+    """Whether the optimizer steps with a fused kernel on `device`: on CUDA, where fp16's
+    GradScaler then hands the kernel its scale and its inf check on the device (an unfused step
+    reads the check on the host, a synchronisation per step). Elsewhere the step as it was."""
+    return device.type == "cuda"
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int, step_size: int, gamma: float,
@@ -124,19 +146,22 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     (DistributedDataParallel, which averages the gradients) and the stats cover all shares."""
     set_train_mode(model)
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    # Loss and hits add up on the device and are read once, at the end: a read per step would make
-    # the host wait for the GPU every step.
-    total_loss = torch.zeros((), device=hw.device, dtype=torch.float64)
-    correct = torch.zeros((), device=hw.device, dtype=torch.int64)
+    whole = whole_batch_sizes(loader)  # every process knows each batch's size: no collective per step
+    # Loss and hits stay on the device and are read once, at the end: a read per step would make
+    # the host wait for the GPU every step. The losses add up on the host, in float64 (which an
+    # Apple GPU lacks), in the order of the steps.
+    losses, correct = [], torch.zeros((), device=hw.device, dtype=torch.int64)
     seen, start, stand_in = 0, time.perf_counter(), None
-    for images, targets in tqdm(loader, desc=desc, leave=False, disable=None if world.main else True):
+    for step, (images, targets) in enumerate(tqdm(loader, desc=desc, leave=False,
+                                                  disable=None if world.main else True)):
         images, targets = hw.to_device(images), targets.to(hw.device, non_blocking=hw.pin_memory)
         images_here = len(targets)
+        assert images_here == world.share_size(whole[step]), "a share that is not World.shard's of its batch"
         if images_here:
             stand_in = images[:1]
         else:  # an empty share of a last batch: every process must step, so one image that counts nothing
             images, targets = stand_in, torch.full((1,), IGNORED, device=hw.device)
-        scale = world.mean_scale(images_here, hw.device)  # the whole batch's mean, however it is shared
+        scale = world.mean_scale(whole[step])  # the whole batch's mean, however it is shared
         with hw.autocast():
             logits, aux = split_outputs(model(images))
             loss_sum = criterion(logits, targets) + sum(aux_loss_weight * criterion(a, targets) for a in aux)
@@ -147,10 +172,19 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         scaler.update()
         if batch_scheduler is not None:
             batch_scheduler.step()
-        total_loss += loss_sum.detach()
+        losses.append(loss_sum.detach())
         correct += (logits.argmax(1) == targets).sum()
         seen += images_here
-    return all_processes(world, total_loss.item(), correct.item(), seen, time.perf_counter() - start)
+    return all_processes(world, host_sum(losses), correct.item(), seen, time.perf_counter() - start)
+
+
+def host_sum(values: list[torch.Tensor]) -> float:
+    """The sum of 0-d tensors, read from the device at once and added in float64 on the host, one
+    after the other (the order and rounding of adding each into a float64 total)."""
+    total = 0.0
+    for value in torch.stack(values).cpu().double().tolist() if values else []:
+        total += value
+    return total
 
 
 def all_processes(world: World, loss_sum: float, correct: float, images: int, seconds: float) -> EpochStats:
@@ -161,27 +195,32 @@ def all_processes(world: World, loss_sum: float, correct: float, images: int, se
 
 @torch.no_grad()
 def predict(model: nn.Module, loader, hw: Hardware, desc: str = "eval", show: bool = True) -> Predictions:
+    """Class probabilities of every image `loader` gives (this process's shares). The logits stay
+    on the device until the end; softmax and the loss are then taken on the host in float64 (so
+    probabilities sum to 1 for log loss; an Apple GPU has no float64), batch by batch."""
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    probs, targets, start = [], [], time.perf_counter()
-    total_loss = torch.zeros((), device=hw.device, dtype=torch.float64)
+    logits, targets, start = [], [], time.perf_counter()
     for images, batch_targets in tqdm(loader, desc=desc, leave=False, disable=None if show else True):
         if not len(batch_targets):  # this process's empty share of a last, small batch
             continue
-        images, batch_targets = hw.to_device(images), batch_targets.to(hw.device)
         with hw.autocast():
-            logits, _ = split_outputs(model(images))
-        logits = logits.double()  # softmax in float64, so probabilities sum to 1 for log loss
-        total_loss += criterion(logits, batch_targets)
-        probs.append(logits.softmax(1))
+            batch_logits, _ = split_outputs(model(hw.to_device(images)))
+        logits.append(batch_logits)
         targets.append(batch_targets)
-    if not probs:  # every share of this process was empty
-        probs, targets = [torch.zeros(0, 0, dtype=torch.float64)], [torch.zeros(0, dtype=torch.long)]
-    probs_np, targets_np = torch.cat(probs).cpu().numpy(), torch.cat(targets).cpu().numpy()
+    sizes = [len(t) for t in targets]
+    on_host = torch.cat(logits).cpu().double().split(sizes) if logits else []  # one read of the device
+    targets = torch.cat(targets).cpu().split(sizes) if targets else []
+    seconds = time.perf_counter() - start  # the work is done once its results are on the host
+    total_loss = torch.zeros((), dtype=torch.float64)
+    for batch_logits, batch_targets in zip(on_host, targets):
+        total_loss += criterion(batch_logits, batch_targets)
+    probs = [batch_logits.softmax(1) for batch_logits in on_host] or [torch.zeros(0, 0, dtype=torch.float64)]
+    probs_np = torch.cat(probs).numpy()
+    targets_np = torch.cat(targets).numpy() if targets else np.zeros(0, dtype=np.int64)
     n = len(targets_np)  # 0 for a process whose shares of the batches were all empty
     accuracy = float((probs_np.argmax(1) == targets_np).mean()) if n else 0.0
-    stats = EpochStats(total_loss.item() / max(n, 1), accuracy, n, time.perf_counter() - start)
-    return Predictions(probs_np, targets_np, stats)
+    return Predictions(probs_np, targets_np, EpochStats(total_loss.item() / max(n, 1), accuracy, n, seconds))
 
 
 @dataclass
@@ -208,27 +247,34 @@ class FitResult:
 def fit(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optimizer, scheduler,
         epochs: int, hw: Hardware, aux_loss_weight: float = 0.4,
         on_epoch: Callable[[dict], None] = lambda record: None, resume_path: str | Path | None = None,
-        world: World = SINGLE) -> FitResult:
+        world: World = SINGLE, saved: dict | None = None) -> FitResult:
     """Train for `epochs`, keeping the weights of the epoch with the best val accuracy (then loss).
 
-    With `resume_path`, everything needed to continue (weights, optimizer, scheduler, RNGs) is
-    saved there after each epoch, and a run that finds the file continues after its last epoch,
-    ending where an uninterrupted run would have. With several processes, every one takes the
-    same steps on its share of each batch and sees the same val stats (so they agree on the best
-    epoch); rank 0 alone prints and saves the resume state, which it reads for all of them.
+    With `resume_path`, everything needed to continue (weights, optimizer, scheduler, GradScaler,
+    every generator: the CPU's, the device's, the loaders'; and the hardware settings trained at)
+    is saved there after each epoch, and a run that finds the file continues after its last
+    epoch (`saved`: the state `load_resume` read from it, when the caller read it first, to train
+    at its hardware settings: `hw` must hold them). On a CPU a resumed run ends exactly where an
+    uninterrupted one does; on a GPU it replays the same random draws, and ends bit for bit alike
+    with `deterministic: true` (cuDNN's autotuning and non-deterministic kernels off), otherwise
+    within their rounding. With several processes, every one takes the same steps on its share
+    of each batch and sees the same val stats (so they agree on the best epoch); rank 0 alone
+    prints and saves the resume state, which it reads for all of them.
     """
     hw.prepare(model)
     scaler = hw.grad_scaler()
     stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     generators = loader_generators(train_loader) + loader_generators(val_loader)
     result = FitResult()
-    saved = world.broadcast(read_resume(resume_path) if resume_path is not None and world.main else None)
+    if saved is None:
+        saved = load_resume(resume_path, world)
     if saved is not None:
-        result = apply_resume(saved, stateful, generators, world.rank)
+        result = apply_resume(saved, stateful, generators, world.rank, hw.device)
         if world.main:
             print(f"resuming after epoch {result.history[-1]['epoch']} from {resume_path}", flush=True)
         for record in result.history:
             on_epoch(record)
+    world.check_batchnorm(model, hw.device, max(whole_batch_sizes(train_loader), default=0))
     trained = world.wrap(model, hw.device)  # after the resume: every process starts from the same state
     for epoch in range(len(result.history) + 1, epochs + 1):
         per_batch = steps_per_batch(scheduler)
@@ -237,6 +283,7 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optim
                                 world=world)
         if scheduler is not None and not per_batch:
             scheduler.step()  # once per epoch, after the optimizer's steps
+        world.sync_buffers(model)  # every process scores the model rank 0 keeps
         own = predict(model, val_loader, hw, desc=f"epoch {epoch}/{epochs} val", show=world.main).stats
         val = all_processes(world, own.loss * own.images, own.accuracy * own.images, own.images, own.seconds)
         record = {"epoch": epoch, "train_loss": train.loss, "train_acc": train.accuracy,
@@ -245,9 +292,9 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optim
                   "peak_rss_mb": peak_rss_mb()}
         result.history.append(record)
         result.consider(epoch, val, model)
-        rng = world.gather(rng_state(generators))  # each process's own draws, for an exact resume
+        rng = world.gather(rng_state(generators, hw.device))  # each process's own draws, for an exact resume
         if resume_path is not None and world.main:
-            save_resume(resume_path, result, stateful, rng)
+            save_resume(resume_path, result, stateful, rng, hw)
         if world.main:  # once the epoch's state is saved: a run stopped after this line resumes after it
             print(f"epoch {epoch}/{epochs}: train loss {train.loss:.4f} acc {train.accuracy:.4f} | "
                   f"val loss {val.loss:.4f} acc {val.accuracy:.4f} | {train.images_per_second:.1f} img/s",
@@ -263,35 +310,65 @@ def loader_generators(loader) -> list[torch.Generator]:
     return list(unique.values())
 
 
-def rng_state(generators: list[torch.Generator]) -> dict:
-    """This process's random number generators' states, as plain values and tensors."""
+def rng_state(generators: list[torch.Generator], device: torch.device = torch.device("cpu")) -> dict:
+    """This process's random number generators' states, as plain values and tensors: the CPU's,
+    `device`'s own (dropout and stochastic depth draw there on a GPU), the loaders'."""
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+    return {"torch": torch.get_rng_state(), "device": device_rng_state(device), "python": random.getstate(),
             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
             "generators": [g.get_state() for g in generators]}
 
 
-def save_resume(path: str | Path, result: FitResult, stateful: dict, rng: list[dict]) -> None:
-    """The state after an epoch (`rng`: each process's generators): tensors and plain values only,
-    so it loads with weights_only=True."""
+def device_rng_state(device: torch.device) -> torch.Tensor | None:
+    """The default generator's state of a GPU (None on the CPU: torch's own is the CPU's)."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        return torch.mps.get_rng_state()
+    return None
+
+
+def set_device_rng_state(device: torch.device, state: torch.Tensor | None) -> None:
+    """Put back what device_rng_state saved (nothing, for a state saved on another kind of device)."""
+    if state is None:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(state)
+
+
+def hardware_settings(hw: Hardware) -> dict:
+    """What a run decided about its hardware, as a resume state keeps it (plain values)."""
+    return {"device": hw.device.type, "precision": hw.precision, "channels_last": hw.channels_last,
+            "tensor_batches": hw.tensor_batches, "workers": hw.workers,
+            "decision": {k: v for k, v in hw.decision.items() if k != "auto_fields"}}
+
+
+def save_resume(path: str | Path, result: FitResult, stateful: dict, rng: list[dict], hw: Hardware) -> None:
+    """The state after an epoch (`rng`: each process's generators; `hw`'s decided settings):
+    tensors and plain values only, so it loads with weights_only=True."""
     save_checkpoint(path, {
         "states": {name: obj.state_dict() for name, obj in stateful.items() if obj is not None},
-        "rng": rng,
+        "rng": rng, "hardware": hardware_settings(hw),
         "best_state": result.best_state, "best_epoch": result.best_epoch,
         "best_val": asdict(result.best_val), "history": result.history})
 
 
+RESUME_KEYS = {"states", "rng", "history", "hardware"}  # a state without "hardware" was written before it was kept
+
+
 def read_resume(path: str | Path) -> dict | None:
     """The state saved after an epoch, or None. A state that cannot be read (truncated by a crash
-    or a full disk, or not written by transferlab) is derived data: removed, with a warning, and
-    training starts again at epoch 1."""
+    or a full disk, or not written by this transferlab) is derived data: removed, with a warning,
+    and training starts again at epoch 1."""
     path = Path(path)
     if not path.exists():
         return None
     try:
         saved = load_checkpoint(path)
-        if not {"states", "rng", "history"} <= set(saved) or not saved["history"] or not isinstance(saved["rng"], list):
-            raise UserError("not a resume state")
+        if not RESUME_KEYS <= set(saved) or not saved["history"] or not isinstance(saved["rng"], list):
+            raise UserError("not a resume state of this version of transferlab")
         return saved
     except UserError as err:
         warn(f"{path}: unreadable resume state ({str(err).split('Cause: ')[-1]}); removed it, training "
@@ -300,12 +377,19 @@ def read_resume(path: str | Path) -> dict | None:
         return None
 
 
-def apply_resume(saved: dict, stateful: dict, generators: list[torch.Generator], rank: int = 0) -> FitResult:
+def load_resume(path: str | Path | None, world: World = SINGLE) -> dict | None:
+    """The resume state at `path`, read by rank 0 (the only one given a path), on every process."""
+    return world.broadcast(read_resume(path) if path is not None and world.main else None)
+
+
+def apply_resume(saved: dict, stateful: dict, generators: list[torch.Generator], rank: int = 0,
+                 device: torch.device = torch.device("cpu")) -> FitResult:
     for name, obj in stateful.items():
         if obj is not None:
             obj.load_state_dict(saved["states"][name])
     rng = saved["rng"][rank]
     torch.set_rng_state(rng["torch"])
+    set_device_rng_state(device, rng["device"])
     random.setstate(rng["python"])
     kind, keys, *rest = rng["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))

@@ -6,9 +6,12 @@ the head then trains on those cached embeddings. Every epoch takes every image o
 order, each as one of its views drawn at random: an epoch has the tutorial's steps and images.
 The cache is keyed by model, weights, preprocessing, views, seed, precision and the images' bytes.
 
-Embeddings are written to disk batch by batch and read memory-mapped, like the decoded images:
+Embeddings are written to disk a chunk at a time and read memory-mapped, like the decoded images:
 memory stays flat in the number of images. Each file's CRC-32 is checked when it is opened; a
-damaged or unfinished cache is rebuilt, with a warning.
+damaged or unfinished cache is rebuilt, with a warning. On an accelerator the backbone runs on
+passes of `hw.inference_images` images, whatever the train batch, its embeddings come to the host
+a chunk at a time (not batch by batch, with the device waiting), and the head trains on the cache
+uploaded to the device where it fits.
 """
 from __future__ import annotations
 
@@ -23,20 +26,23 @@ import numpy as np
 import torch
 from filelock import FileLock
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSampler, TensorDataset
+from torch.utils.data import BatchSampler, Sampler, SequentialSampler, TensorDataset
 
 from transferlab.caches import mark_used
-from transferlab.data import ShareOfBatches, collate_share
+from transferlab.data import ShareOfBatches
 from transferlab.distributed import SINGLE, World
 from transferlab.errors import UserError, warn
 from transferlab.files import atomic_path, no_space_message, remove, write_json
-from transferlab.hardware import Hardware
+from transferlab.hardware import Hardware, residency_budget
 from transferlab.images import Sample, samples_digest
 from transferlab.models import BuiltModel
 
 # 3: every view in the images' order (2: each view shuffled its own way; 1: views repeated the first's draws).
 CACHE_FORMAT = 3
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# Embeddings wait on an accelerator until they take this much, then come to the host in one copy
+# (on a CPU they are there already: each pass's are written as they come).
+CHUNK_BYTES = 64 << 20
 
 
 class HeadOnly(nn.Module):
@@ -64,24 +70,57 @@ def split_off_head(model: nn.Module, head_name: str) -> HeadOnly:
 
 @torch.no_grad()
 def embed(model: nn.Module, head: nn.Module, loader: Iterable, hw: Hardware, check: HeadOnly | None = None):
-    """Inputs of `head` for each batch (on the CPU, in the autocast dtype) with its targets; with
-    `check`, first verify that `check(embedding)` reproduces the model's output, else yield nothing."""
-    captured = []
+    """Inputs of `head` for the loader's images, in order, with their targets: chunks of them on
+    the CPU, in the autocast dtype. With `check`, first verify that `check(embedding)` reproduces
+    the model's output, else yield nothing."""
+    captured, held, chunk_bytes = [], [], 0 if hw.device.type == "cpu" else CHUNK_BYTES
     hook = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].detach()))
     model.eval()
     try:
-        for images, targets in loader:
-            if not len(targets):  # this process's empty share of a last, small batch
-                continue
+        for images, targets, real in passes(loader, hw.inference_images):
             with hw.autocast():
                 outputs = model(hw.to_device(images))
                 if check is not None:
                     if not torch.allclose(check(captured[-1]).float(), outputs.float(), atol=1e-3, rtol=1e-3):
                         return
                     check = None
-            yield captured.pop().to("cpu", hw.amp_dtype or torch.float32), targets.cpu()
+            held.append((captured.pop()[:real], targets[:real]))
+            if sum(embeddings.nbytes for embeddings, _ in held) >= chunk_bytes:
+                yield _to_host(held, hw)
+                held = []
+        if held:
+            yield _to_host(held, hw)
     finally:
         hook.remove()
+
+
+def _to_host(held: list[tuple[torch.Tensor, torch.Tensor]], hw: Hardware) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings and targets held on the device, on the host: one copy each."""
+    embeddings, targets = zip(*held)
+    return torch.cat(embeddings).to("cpu", hw.amp_dtype or torch.float32), torch.cat(targets).cpu()
+
+
+def passes(loader: Iterable, size: int):
+    """(images, targets, real images) for the backbone: the loader's batches as they come when
+    `size` is 0, else put together into passes of exactly `size` images, the last padded with
+    copies of its first image (one batch shape: one cuDNN autotuning, no tail to warm up).
+    Empty batches (a process's share of a last, small batch) are skipped."""
+    held, count = [], 0
+    for images, targets in loader:
+        if not len(targets):
+            continue
+        if not size:
+            yield images, targets, len(targets)
+            continue
+        held, count = held + [(images, targets)], count + len(targets)
+        while count >= size:
+            images, targets = (torch.cat(part) for part in zip(*held))
+            yield images[:size], targets[:size], size
+            held, count = [(images[size:], targets[size:])], count - size
+    if count:
+        images, targets = (torch.cat(part) for part in zip(*held))
+        pad = images[:1].expand(size - count, *images.shape[1:])
+        yield torch.cat([images, pad]), targets, count
 
 
 def feature_loaders(built: BuiltModel, train: list[Sample], val: list[Sample], batch_size: int, views: int,
@@ -121,16 +160,62 @@ def feature_loaders(built: BuiltModel, train: list[Sample], val: list[Sample], b
                             f"wrote: across machines, set TRANSFERLAB_CACHE_DIR to a folder they share, or "
                             f"extract.cache_features to false")
     train_x, train_y, val_x, val_y = cached if cached is not None else _open(folder)
-    train_set = TensorDataset(train_x.flatten(0, 1), train_y)
+    train_x, train_y, val_x, val_y = _on_device([train_x.flatten(0, 1), train_y, val_x, val_y], hw.device)
     # The loader's own generator, which fit() saves and restores with each epoch: resume is exact.
     generator = torch.Generator().manual_seed(seed if order_seed is None else order_seed)
     rows = torch.arange(len(train)) if train_rows is None else torch.tensor(train_rows, dtype=torch.long)
     train_batches = ShareOfBatches(BatchSampler(OneViewPerImage(rows, len(train), views, generator), batch_size,
                                                 False), world)
-    train_loader = DataLoader(train_set, batch_sampler=train_batches, collate_fn=collate_share, generator=generator)
+    train_loader = EmbeddingBatches(TensorDataset(train_x, train_y), train_batches, generator, hw.pin_memory)
     val_batches = ShareOfBatches(BatchSampler(SequentialSampler(val_x), batch_size, False), world)
-    val_loader = DataLoader(TensorDataset(val_x, val_y), batch_sampler=val_batches, collate_fn=collate_share)
+    val_loader = EmbeddingBatches(TensorDataset(val_x, val_y), val_batches, None, hw.pin_memory)
     return head_only, train_loader, val_loader
+
+
+def _on_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The cache's tensors uploaded to `device` when they fit its residency budget, and the
+    device then has the room; else as they are (memory-mapped)."""
+    nbytes = sum(t.nbytes for t in tensors)
+    if not nbytes or nbytes > residency_budget(device):
+        return tensors
+    try:
+        return [t.to(device) for t in tensors]
+    except torch.OutOfMemoryError:
+        warn(f"{nbytes / 2**20:.0f} MB of cached embeddings do not fit on {device} now (out of memory): the head "
+             f"trains on them from the memory-mapped cache instead")
+        return tensors
+
+
+class EmbeddingBatches:
+    """Batches of cached embeddings and their targets, each taken with one index (not fetched row
+    by row and collated, as a DataLoader does), in the order and with the draws a DataLoader over
+    the same batch sampler and generator gives. On the device when the cache is there (the
+    epoch's indices sent once, without waiting); from the host, pinned where transfers are."""
+
+    def __init__(self, dataset: TensorDataset, batch_sampler: Sampler, generator: torch.Generator | None,
+                 pin_memory: bool = False):
+        self.dataset, self.batch_sampler, self.generator = dataset, batch_sampler, generator
+        self.pin_memory = pin_memory
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        # A DataLoader draws its workers' base seed first, each epoch, from its generator (torch's
+        # own without one): drawn here too, so that every later draw is the one it gave.
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        embeddings, targets = self.dataset.tensors
+        batches = list(self.batch_sampler)
+        index = torch.tensor([row for batch in batches for row in batch], dtype=torch.long)
+        on_host = embeddings.device.type == "cpu"
+        pinned = self.pin_memory and not on_host
+        index = (index.pin_memory() if pinned else index).to(embeddings.device, non_blocking=pinned)
+        start = 0
+        for batch in batches:
+            rows = index[start:start + len(batch)]
+            start += len(batch)
+            x, y = embeddings[rows], targets[rows]
+            yield (x.pin_memory(), y.pin_memory()) if self.pin_memory and on_host else (x, y)
 
 
 class OneViewPerImage(Sampler):

@@ -4,14 +4,17 @@ no device branches.
 `auto` is decided by measurement on the machine at hand, never by a rule from another machine
 (bf16 is 3x faster on a CPU with AMX and slower on one with only AVX-512 BF16 or less; on a GPU at
 batch 8 autocast adds cast kernels and channels-last slows depthwise convolutions). Each candidate
-first runs every batch shape the run will meet (so first-call costs, such as cuDNN's autotuning,
-are paid here and not mid-epoch), within a time box that drops a candidate that stalls; then the
-candidates take turns, in rounds shuffled afresh, each timing sample long enough to rise above
-the timer's noise. A less precise or less common candidate wins only when it beats the simplest
-by more than 5% in significantly many rounds (a sign test on paired ratios): a tie, or a gain
-the rounds cannot show, keeps the simpler setting. The winner and every candidate's timings are recorded in
-the stage's report, and cached by device, torch version, model and batch shapes, so a re-run
-does not measure again. An explicit setting in params.yaml is used as given.
+first runs every batch shape the run will meet twice: the first calls pay one-off costs, such as
+cuDNN's autotuning, here and not mid-epoch (within a generous box of their own), and the second
+calls, warm, must keep within twice the fastest candidate's, which drops a candidate that stalls
+or that the hardware only emulates. Then the candidates take turns, in rounds shuffled afresh,
+each timing sample long enough to rise above the timer's noise. A less precise or less common
+candidate wins only when it beats the simplest by more than 5% in significantly many rounds (a
+sign test on paired ratios): a tie, or a gain the rounds cannot show, keeps the simpler setting.
+The winner, every candidate's timings and why any was dropped are recorded in the stage's
+report, and cached by device, torch version, model and batch shapes, so a re-run does not
+measure again. Every process pays its own first calls before the loop (`warm_up`). An explicit
+setting in params.yaml is used as given.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import contextlib
 import copy
 import ctypes
 import hashlib
+import itertools
 import json
 import math
 import platform
@@ -33,11 +37,16 @@ import torch
 from scipy.stats import binomtest
 from torch import nn
 
+from transferlab.distributed import World
 from transferlab.errors import UserError, warn
 from transferlab.files import write_json
 from transferlab.store import cpu_count
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Images per forward pass where only inference runs (the embedding pass) on an accelerator: at a
+# train batch of 8 a GPU waits on kernel launches. A CPU keeps the loader's batches: more images
+# per pass buy it nothing and hold more activations.
+INFERENCE_IMAGES = 128
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,7 @@ class Hardware:
     pin_memory: bool
     keep_freed_memory: bool         # glibc's malloc tuned by keep_freed_memory() in this process
     tensor_batches: bool = False    # augment batch-wise on tensors (data.TensorBatches), not per PIL image
+    inference_images: int = 0       # images per pass of inference alone (0: the loader's batches)
     decision: dict = field(default_factory=dict, compare=False)  # how `auto` was decided, with timings
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -109,7 +119,8 @@ def pick_hardware(device: str = "auto", precision: str = "auto", channels_last: 
         torch.backends.cudnn.benchmark = True  # autotuned once per shape, during `decide`'s warm-up
     hw = Hardware(torch.device(device), DTYPES.get(precision), channels_last is True, int(workers),
                   pin_memory=device == "cuda", keep_freed_memory=bool(keep_memory),
-                  tensor_batches=device != "cpu" if tensor_batches == "auto" else bool(tensor_batches))
+                  tensor_batches=device != "cpu" if tensor_batches == "auto" else bool(tensor_batches),
+                  inference_images=0 if device == "cpu" else INFERENCE_IMAGES)
     auto = [name for name, value in (("precision", precision), ("channels_last", channels_last),
                                      ("tensor_batches", tensor_batches)) if value == "auto"]
     return replace(hw, decision={"auto_fields": auto}) if auto else hw
@@ -118,7 +129,8 @@ def pick_hardware(device: str = "auto", precision: str = "auto", channels_last: 
 @dataclass(frozen=True)
 class Workload:
     """What a stage will run, for timing candidates: the model, its input size, and how many
-    images each phase sees per epoch at which batch size."""
+    images each phase sees per epoch at which batch size. With several processes the images and
+    batches are the whole run's, and each process computes its share of every batch."""
 
     model: nn.Module
     crop_size: int
@@ -126,19 +138,37 @@ class Workload:
     infer_images: int
     train_batch: int
     infer_batch: int
+    processes: int = 1
 
-    def shapes(self) -> list[tuple[int, bool]]:
-        """Every (batch size, training?) the run meets: full batches and tail batches."""
-        shapes = []
-        for images, batch, train in ((self.train_images, self.train_batch, True),
-                                     (self.infer_images, self.infer_batch, False)):
+    def _phases(self) -> tuple[tuple[int, int, bool], ...]:
+        return (self.train_images, self.train_batch, True), (self.infer_images, self.infer_batch, False)
+
+    def shapes(self, rank: int | None = None) -> list[tuple[int, bool]]:
+        """Every (batch size, training?) process `rank` meets (any process, if None): its shares
+        (World.shard) of the full batches and of the tail batch, training first, largest first."""
+        found = set()
+        for images, batch, train in self._phases():
             for size in {min(batch, images), images % batch} - {0}:
-                shapes.append((size, train))
-        return shapes
+                for r in range(self.processes) if rank is None else [rank]:
+                    share = World(r, self.processes).shard(size)
+                    found |= {(share.stop - share.start, train)} - {(0, train)}
+        return sorted(found, key=lambda shape: (not shape[1], -shape[0]))
+
+    def timed_phases(self) -> list[tuple[float, int, bool]]:
+        """(images, batch size, training?) of each phase as process 0 runs it: its share of the
+        images, at its share of a full batch."""
+        phases = []
+        for images, batch, train in self._phases():
+            share = World(0, self.processes).shard(min(batch, images))
+            if share.stop > share.start:
+                phases.append((images / self.processes, share.stop - share.start, train))
+        return phases
 
 
 INPUT_PATHS = {"DataLoader + PIL": False, "tensor batches": True}
-DECISION_FORMAT = 3  # 3: shuffled rounds, every sample kept, a sign test (2: rotated rounds, medians and noise)
+# 4: inputs made on the device outside the timing, each shape warmed twice, why a candidate was
+# dropped (3: shuffled rounds, every sample kept, a sign test; 2: rotated rounds, medians and noise)
+DECISION_FORMAT = 4
 
 
 def decide(hw: Hardware, work: Workload, cache_dir: Path, key_parts: list,
@@ -161,9 +191,9 @@ def decide(hw: Hardware, work: Workload, cache_dir: Path, key_parts: list,
     if measured_now:
         # Measuring draws random numbers; the run's own draws must not depend on whether it did.
         with torch.random.fork_rng(devices=[hw.device] if hw.device.type == "cuda" else []):
-            samples = time_candidates(hw, candidates, work) if candidates else {}
+            samples, dropped = time_candidates(hw, candidates, work) if candidates else ({}, {})
             cached = {"model": {name: statistics.median(t) if t else None for name, t in samples.items()},
-                      "samples": samples,
+                      "samples": samples, "dropped": dropped,
                       "spread": {name: round(relative_spread(t), 4) for name, t in samples.items() if t},
                       "inputs": {name: input_seconds(tensor) for name, tensor in INPUT_PATHS.items()}
                       if measure_inputs else {}}
@@ -171,8 +201,7 @@ def decide(hw: Hardware, work: Workload, cache_dir: Path, key_parts: list,
     decision = {"seconds_per_image": cached, "measured_now": measured_now, "cache": str(path)}
     if candidates:
         if not any(cached["samples"].values()):
-            raise UserError(f"every candidate setting failed or stalled on {hw.device}: {cached['model']}; set "
-                            f"train.precision and train.channels_last explicitly")
+            raise UserError(none_usable(hw.device, cached.get("dropped", {})))
         decision["margin"] = MIN_MARGIN
         decision["chosen"] = best = choose(cached["samples"], list(candidates))
         hw = replace(hw, amp_dtype=DTYPES[candidates[best]["precision"]],
@@ -181,6 +210,16 @@ def decide(hw: Hardware, work: Workload, cache_dir: Path, key_parts: list,
         decision["input_path"] = path_name = pick_fastest(cached["inputs"], list(INPUT_PATHS))
         hw = replace(hw, tensor_batches=INPUT_PATHS[path_name])
     return replace(hw, decision=decision)
+
+
+def none_usable(device: torch.device, dropped: dict[str, str]) -> str:
+    """The message when every candidate failed or stalled: each one's reason, and what to do."""
+    reasons = "; ".join(f"{name}: {why}" for name, why in dropped.items())
+    advice = "set train.precision and train.channels_last explicitly"
+    if "deterministic" in reasons:
+        advice = (f"this model has a layer without a deterministic kernel on {device.type}: set train.deterministic "
+                  f"to false, or {advice}")
+    return f"every candidate setting failed or stalled on {device}: {reasons}; {advice}"
 
 
 def pick_fastest(timings: dict[str, float], order: list[str], margin: float = 0.05) -> str:
@@ -194,8 +233,9 @@ def candidate_settings(hw: Hardware, auto: list[str]) -> dict[str, dict]:
     precisions = [hw.precision]
     if "precision" in auto:
         precisions = ["fp32", "bf16"]
-        if hw.device.type == "cuda":
-            precisions = ["fp32", "bf16", "fp16"] if torch.cuda.is_bf16_supported() else ["fp32", "fp16"]
+        if hw.device.type == "cuda":  # bf16 only with its own kernels: emulated (V100, T4) it is slow
+            bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+            precisions = ["fp32", "bf16", "fp16"] if bf16 else ["fp32", "fp16"]
         elif hw.device.type == "mps":
             precisions = ["fp32", "fp16"]
     layouts = [False, True] if "channels_last" in auto else [hw.channels_last]
@@ -212,28 +252,33 @@ MIN_MARGIN = 0.05
 # scheduler noise on its own.
 MIN_ROUNDS, MAX_ROUNDS, ROUNDS_SECONDS, SAMPLE_SECONDS = 9, 40, 3.0, 0.005
 SIGN_TEST_ALPHA = 0.05
+# The warm-up's boxes: a candidate's first calls of every shape (cuDNN's autotuning, kernel
+# builds: seconds, for some layouts and dtypes more than the fastest candidate's) within
+# FIRST_CALLS_SECONDS; its warm calls within twice the fastest candidate's, plus STALL_SECONDS.
+FIRST_CALLS_SECONDS, STALL_SECONDS = 60.0, 1.0
 
 
-def time_candidates(hw: Hardware, candidates: dict[str, dict], work: Workload) -> dict[str, list[float] | None]:
-    """Seconds per image of each candidate, one sample per round (None if dropped), simplest first.
+def time_candidates(hw: Hardware, candidates: dict[str, dict],
+                    work: Workload) -> tuple[dict[str, list[float] | None], dict[str, str]]:
+    """Seconds per image of each candidate, one sample per round (None if dropped), simplest
+    first; and why each dropped one was dropped.
 
-    Every candidate first warms up every batch shape (first calls build kernels, seconds for some
-    dtypes and layouts); one that fails, or whose warm-up takes more than twice the fastest
-    warm-up so far (a stall, or a dtype the hardware only emulates), is dropped. Then each round
-    times every candidate once, in an order shuffled afresh: a machine that slows down or speeds
-    up while measuring (another process, turbo, heat) favours none of them, and neither does
-    what one candidate leaves behind for the next (caches, freed memory), which a fixed rotation
-    would always hand to the same successor."""
+    Every candidate first warms up every batch shape twice (see `_warm_up`); one that fails, or
+    stalls, is dropped. Then each round times every candidate once, in an order shuffled afresh:
+    a machine that slows down or speeds up while measuring (another process, turbo, heat) favours
+    none of them, and neither does what one candidate leaves behind for the next (caches, freed
+    memory), which a fixed rotation would always hand to the same successor."""
     model = copy.deepcopy(work.model)  # one copy for all: layout is switched, precision is autocast
-    steppers, fastest = {}, None
+    steppers, dropped, fastest = {}, {}, None
     for name, settings in candidates.items():
-        start = time.perf_counter()
-        steppers[name] = _warm_up(hw, settings, work, model, 60.0 if fastest is None else max(1.0, 2 * fastest))
-        if steppers[name] is not None:
-            elapsed = time.perf_counter() - start
-            fastest = elapsed if fastest is None else min(fastest, elapsed)
-    samples = run_rounds({name: step for name, step in steppers.items() if step is not None})
-    return {name: samples.get(name) for name in candidates}
+        step, outcome = _warm_up(hw, settings, work, model, fastest)
+        if step is None:
+            dropped[name] = outcome
+            continue
+        steppers[name] = step
+        fastest = outcome if fastest is None or sum(outcome) < sum(fastest) else fastest
+    samples = run_rounds(steppers)
+    return {name: samples.get(name) for name in candidates}, dropped
 
 
 def run_rounds(steppers: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
@@ -278,31 +323,37 @@ def relative_spread(samples: list[float]) -> float:
 
 
 def _warm_up(hw: Hardware, settings: dict, work: Workload, model: nn.Module,
-             box_seconds: float) -> Callable[[], float] | None:
-    """A function that times one round of a candidate: seconds per epoch-weighted image (each
-    phase at full batch, its step repeated to SAMPLE_SECONDS); None if the warm-up fails or runs
-    past `box_seconds`."""
+             fastest: list[float] | None = None) -> tuple[Callable[[], float] | None, list[float] | str]:
+    """(A function that times one round of the candidate: seconds per epoch-weighted image, each
+    phase at full batch, its step repeated to SAMPLE_SECONDS; its warm seconds per shape), or
+    (None, why it was dropped).
+
+    Every shape runs twice, shape after shape. The first calls pay what is paid once (cuDNN's
+    autotuning, kernel builds), which can take the fastest candidate longer than a slower one:
+    they are only boxed by FIRST_CALLS_SECONDS in all. The warm calls, so far, must keep within
+    twice `fastest` (the fastest candidate's warm seconds per shape) plus STALL_SECONDS: an
+    emulated dtype is dropped after its first shape."""
     trial = replace(hw, amp_dtype=DTYPES[settings["precision"]], channels_last=settings["channels_last"])
-    step = _stepper(model, trial)
-    start = time.perf_counter()
+    step, shapes = _stepper(model, trial), work.shapes(rank=0)
+    warm_limits = [math.inf] * len(shapes) if fastest is None else \
+        [2 * total + STALL_SECONDS for total in itertools.accumulate(fastest)]
+    first, warm = 0.0, []
     try:
         trial.prepare(model)
-        for size, train in work.shapes():
-            step(size, train, work.crop_size)
-            if time.perf_counter() - start > box_seconds:
-                return None
+        for (size, train), limit in zip(shapes, warm_limits):
+            first += _seconds(step, size, train, work.crop_size)
+            warm.append(_seconds(step, size, train, work.crop_size))
+            if first > FIRST_CALLS_SECONDS:
+                return None, f"stalled: its first calls took more than {FIRST_CALLS_SECONDS:.0f} s"
+            if sum(warm) > limit:
+                return None, "stalled: warm, it ran more than twice as long as the fastest candidate"
     except (RuntimeError, NotImplementedError) as err:  # an op without a kernel for this dtype/layout
-        warn(f"hardware candidate {settings} failed on {hw.device}: {str(err).splitlines()[0]}")
-        return None
-    phases = []
-    for images, batch, train in ((work.train_images, work.train_batch, True),
-                                 (work.infer_images, work.infer_batch, False)):
-        if images:
-            size = min(batch, images)
-            t0 = time.perf_counter()
-            step(size, train, work.crop_size)
-            repeats = min(100, max(1, math.ceil(SAMPLE_SECONDS / max(time.perf_counter() - t0, 1e-6))))
-            phases.append((images, size, train, repeats))
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+        warn(f"hardware candidate {settings} failed on {hw.device}: {reason}")
+        return None, f"failed: {reason}"
+    seconds = dict(zip(shapes, warm))
+    phases = [(images, size, train, min(100, max(1, math.ceil(SAMPLE_SECONDS / max(seconds[size, train], 1e-6)))))
+              for images, size, train in work.timed_phases()]
 
     def one_round() -> float:
         trial.prepare(model)  # the candidates share the model: its layout, switched outside the timing
@@ -312,8 +363,31 @@ def _warm_up(hw: Hardware, settings: dict, work: Workload, model: nn.Module,
             for _ in range(repeats):
                 step(size, train, work.crop_size)
             cost += images * (time.perf_counter() - t0) / (repeats * size)
-        return cost / (work.train_images + work.infer_images)
-    return one_round
+        return cost / sum(images for images, *_ in phases)
+    return one_round, warm
+
+
+def _seconds(step: Callable[[int, bool, int], None], size: int, train: bool, crop: int) -> float:
+    start = time.perf_counter()
+    step(size, train, crop)
+    return time.perf_counter() - start
+
+
+def warm_up(hw: Hardware, work: Workload, rank: int = 0) -> None:
+    """Run every batch shape process `rank` meets once, at `hw`'s settings, on a copy of the model:
+    its first calls (cuDNN's autotuning, kernel builds) are paid before the loop, on every process
+    and whether or not `decide` measured. A CPU has nothing to pay."""
+    if hw.device.type == "cpu":
+        return
+    model = hw.prepare(copy.deepcopy(work.model))  # a copy: training steps move BatchNorm statistics
+    step = _stepper(model, hw)
+    for size, train in work.shapes(rank):
+        step(size, train, work.crop_size)
+
+
+# What waits for a device's queued work: a timing must include the work, not only its launch.
+SYNCHRONIZE: dict[str, Callable[[], None]] = {"cuda": lambda: torch.cuda.synchronize(),
+                                              "mps": lambda: torch.mps.synchronize()}
 
 
 def _stepper(model: nn.Module, hw: Hardware) -> Callable[[int, bool, int], None]:
@@ -322,12 +396,15 @@ def _stepper(model: nn.Module, hw: Hardware) -> Callable[[int, bool, int], None]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9) if params else None
     scaler = hw.grad_scaler()
-    inputs = {}  # made once per shape: drawing random numbers is no part of a step's cost
+    synchronize = SYNCHRONIZE.get(hw.device.type, lambda: None)
+    # Inputs made once per shape, on the device, in the layout: drawing them and copying them there
+    # is no part of a step's cost. Their own generator: the run's draws do not depend on them.
+    inputs, noise = {}, torch.Generator().manual_seed(0)
 
     def step(size: int, train: bool, crop: int) -> None:
         if (size, crop) not in inputs:
-            inputs[size, crop] = torch.randn(size, 3, crop, crop)
-        images = hw.to_device(inputs[size, crop])
+            inputs[size, crop] = hw.to_device(torch.randn(size, 3, crop, crop, generator=noise))
+        images = inputs[size, crop]
         if train and optimizer is not None:
             model.train()
             with hw.autocast():
@@ -342,8 +419,7 @@ def _stepper(model: nn.Module, hw: Hardware) -> Callable[[int, bool, int], None]
             model.eval()
             with torch.no_grad(), hw.autocast():
                 model(images)
-        if hw.device.type == "cuda":
-            torch.cuda.synchronize()  # a timing must include the work, not only its launch
+        synchronize()
     return step
 
 
@@ -378,6 +454,31 @@ def machine_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"{device.type}: {cpu}"
+
+
+# Data kept on an accelerator (decoded images, cached embeddings) may take this share of the
+# memory free when it is uploaded: the rest is the model's, its activations' and its optimizer's.
+RESIDENT_SHARE = 0.25
+
+
+def _cuda_free(device: torch.device) -> int:
+    # Free now, not in total: another experiment of `dvc queue start -j 2`, or another tenant, may
+    # hold the rest. What this process's allocator keeps cached is free to it.
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _mps_free(device: torch.device) -> int:
+    # A Mac's GPU shares the machine's memory: what Metal recommends it use, less what it holds.
+    return max(0, torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+
+
+FREE_MEMORY: dict[str, Callable[[torch.device], int]] = {"cuda": _cuda_free, "mps": _mps_free}
+
+
+def residency_budget(device: torch.device) -> int:
+    """Bytes of data that may stay on `device` (0 on a CPU, which maps the files instead)."""
+    return int(FREE_MEMORY.get(device.type, lambda device: 0)(device) * RESIDENT_SHARE)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt() parameters, from glibc's malloc.h

@@ -109,7 +109,7 @@ class Classifier:
 
         images = torch.stack([tensor for _, tensor in batch]).to(self.device)
         logits, _ = split_outputs(self.model(images))
-        probs = logits.double().softmax(1).cpu()
+        probs = logits.float().cpu().double().softmax(1)  # float64 on the host: an Apple GPU has none
         values, indices = probs.topk(min(top_k, len(self.classes)), dim=1)
         for (prediction, _), p, i in zip(batch, values.tolist(), indices.tolist()):
             prediction.top = [(self.classes[c], v) for c, v in zip(i, p)]

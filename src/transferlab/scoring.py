@@ -1,16 +1,25 @@
 """Scoring a model on a split as evaluate scores the test split: unaugmented, at evaluate's
-precision and layout. The learning curve's points score through the same code (one question,
-one answer), without importing what only evaluate's metrics need."""
+precision and layout, in exact fp32 arithmetic where fp32 is asked for. The learning curve's
+points score through the same code (one question, one answer), without importing what only
+evaluate's metrics need."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+import torch
+
 from transferlab.data import ImageSource
-from transferlab.engine import Predictions, predict
+from transferlab.engine import Predictions, predict, split_outputs
 from transferlab.hardware import Hardware, Workload, decide, pick_hardware
 from transferlab.images import Sample
 from transferlab.models import Preprocess
 from transferlab.params import EvaluateParams
+
+# What scoring sets, and reports/eval.json records: no TF32 (on an Ampere or newer GPU, cuDNN's
+# fp32 convolutions would otherwise run in TF32, a 10-bit mantissa, by torch's default), and no
+# cuDNN autotuning, whose choice of algorithm may differ from one run to the next.
+SCORING_MATH = {"tf32": False, "cudnn_benchmark": False}
 
 
 def scoring_hardware(evaluate: EvaluateParams) -> Hardware:
@@ -18,12 +27,43 @@ def scoring_hardware(evaluate: EvaluateParams) -> Hardware:
     return pick_hardware(precision=evaluate.precision, channels_last=evaluate.channels_last)
 
 
+@contextlib.contextmanager
+def exact_math():
+    """torch's global switches at SCORING_MATH while scoring; as they were afterwards."""
+    switches = [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"),
+                (torch.backends.cudnn, "benchmark")]
+    before = [getattr(owner, name) for owner, name in switches]
+    for owner, name in switches:
+        setattr(owner, name, False)
+    try:
+        yield
+    finally:
+        for (owner, name), value in zip(switches, before):
+            setattr(owner, name, value)
+
+
 def predict_split(model, arch: str, pre: Preprocess, classes: list[str], samples: list[Sample],
                   source: ImageSource, batch_size: int, hw: Hardware, cache_dir: Path,
                   desc: str) -> tuple[Predictions, Hardware]:
-    """`model`'s class probabilities for `samples`, unaugmented, and the hardware it ran at."""
+    """`model`'s class probabilities for `samples`, unaugmented, and the hardware it ran at (on an
+    accelerator in passes of hw.inference_images: a small batch keeps a GPU launch-bound)."""
+    batch_size = max(batch_size, hw.inference_images)
     work = Workload(model, pre.crop_size, 0, len(samples), batch_size, batch_size)
-    hw = decide(hw, work, cache_dir, [arch, "inference"])
-    hw.prepare(model)
-    batches = source.batches(samples, classes, pre, batch_size, False, 0, hw)
-    return predict(model, batches, hw, desc=desc), hw
+    with exact_math():
+        hw = decide(hw, work, cache_dir, [arch, "inference"])
+        hw.prepare(model)
+        warm_up(model, hw, work)
+        batches = source.batches(samples, classes, pre, batch_size, False, 0, hw)
+        return predict(model, batches, hw, desc=desc), hw
+
+
+@torch.no_grad()
+def warm_up(model, hw: Hardware, work: Workload) -> None:
+    """Every batch shape the split meets (the full batch, the tail), once and untimed, so that the
+    images/s predict reports pays no first call (kernel loading, a new shape's plans): the first
+    model scored would pay them alone. Ends once the device has done the work."""
+    model.eval()
+    for size, _ in work.shapes():
+        with hw.autocast():
+            logits, _ = split_outputs(model(hw.to_device(torch.zeros(size, 3, work.crop_size, work.crop_size))))
+        logits.cpu()

@@ -100,7 +100,8 @@ def make_splits(raw: Path, val_fraction: float, test_fraction: float, seed: int,
     train/. Otherwise `raw/<class>/` folders: test and val are both split off, test with its own
     `test_seed`, so that runs with different `seed`s are scored on the same test images. With
     `near_distance` (perceptual-hash bits), near-copies of a test image leave train and val, and a
-    val image with a near-copy in train moves to train (the best epoch is not picked on copies).
+    val image with a near-copy in train, or in val images moved so, moves to train (the best epoch is
+    not picked on copies).
     With `train_per_class`, train keeps at most that many images of each class (per_class_subset).
     """
     if (raw / "train").is_dir():
@@ -156,8 +157,10 @@ def drop_near_copies(pool: list[Sample], test: list[Sample], distance: int,
 
 def move_near_copies(train: list[Sample], val: list[Sample], distance: int,
                      cache_dir: Path | None) -> tuple[list[Sample], list[Sample], list[dict]]:
-    """Val images with a near-copy in train, moved to train: val then holds no copy of a training image."""
-    found = near_copies(val, train, distance, cache_dir)
+    """Val images with a near-copy in train, moved to train, and then those with a near-copy among the
+    moved ones, until none is added: val then holds no copy of a training image (a twin's row names
+    the image, in train by then, that it copies)."""
+    found = near_copies(val, train, distance, cache_dir, chained=True)
     moving = {row["path"] for row in found}
     return (_sorted(train + [s for s in val if s.path in moving]), [s for s in val if s.path not in moving],
             found)

@@ -40,9 +40,9 @@ from transferlab.files import (
     no_space_message,
     remove_stale_temps,
 )
-from transferlab.images import Sample, file_digest, load_image
+from transferlab.images import LOADER_VERSION, Sample, file_digest, load_image
 
-VERSION = 2  # bump when load_image changes what it returns (Pillow's own version is in the key too)
+VERSION = LOADER_VERSION  # what load_image returns (Pillow's own version is in the key too)
 INDEX_DTYPE = np.dtype([("offset", "<i8"), ("height", "<i4"), ("width", "<i4"), ("crc", "<u4")])
 COMMIT_SECONDS = 1.0
 

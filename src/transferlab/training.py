@@ -14,15 +14,26 @@ import torch
 from torch import nn
 
 from transferlab.data import ImageSource, open_split_store
-from transferlab.distributed import SINGLE, World
-from transferlab.engine import FitResult, fit, make_optimizer, make_scheduler, peak_rss_mb, seed_everything
+from transferlab.distributed import SINGLE, World, batchnorm_statistics
+from transferlab.engine import (
+    FitResult,
+    fit,
+    fused_optimizer,
+    load_resume,
+    make_optimizer,
+    make_scheduler,
+    peak_device_memory_mb,
+    peak_rss_mb,
+    seed_everything,
+)
 from transferlab.errors import warn
 from transferlab.features import feature_loaders
-from transferlab.hardware import Hardware, Workload, decide, pick_hardware
+from transferlab.hardware import DTYPES, Hardware, Workload, decide, pick_hardware, warm_up
 from transferlab.images import Sample
 from transferlab.models import (
     BuiltModel,
     HeadSpec,
+    backbone_summary,
     build_for_mode,
     freeze_all_but,
     parameter_groups,
@@ -37,10 +48,11 @@ def train_hardware(train: TrainParams) -> Hardware:
                          train.tensor_batches)
 
 
-def optimizer_and_scheduler(model: nn.Module, built: BuiltModel, train: TrainParams, steps_per_epoch: int):
+def optimizer_and_scheduler(model: nn.Module, built: BuiltModel, train: TrainParams, steps_per_epoch: int,
+                            hw: Hardware):
     """The optimizer over `model`'s trainable weights (the backbone's at its own lr) and its schedule."""
     optimizer = make_optimizer(parameter_groups(model, built, train.lr, train.backbone_lr_factor), train.optimizer,
-                               train.lr, train.momentum, train.weight_decay)
+                               train.lr, train.momentum, train.weight_decay, fused_optimizer(hw.device))
     scheduler = make_scheduler(optimizer, train.scheduler, train.epochs, train.step_size, train.gamma,
                                train.warmup_epochs, steps_per_epoch)
     return optimizer, scheduler
@@ -84,21 +96,24 @@ def prepare(built: BuiltModel, classes: list[str], samples: dict[str, list[Sampl
     pre, views = built.preprocess, train.feature_views
     head_only = train.cache_features and not backbone_trains(built)
     trained_on = samples["train"] if subset is None else [samples["train"][i] for i in subset.rows]
-    # What each process computes: its share of the images, in shares of the batches. A curve's
-    # points decide on the whole training set's shapes, whatever their subset's size: one decision,
-    # the same settings at every size (a smaller subset's tail batch is not warmed up).
-    n_train, n_val = -(-len(samples["train"]) // world.size), -(-len(samples["val"]) // world.size)
-    n_embedded = -(-len(samples["train"]) // world.size)
-    share = -(-train.batch_size // world.size)
+    # The batches every process meets (Workload gives each rank its shares, as World.shard cuts
+    # them). A curve's points decide on the whole training set's shapes, whatever their subset's
+    # size: one decision, the same settings at every size (a smaller subset's tail batch is not
+    # warmed up). The embedding pass runs hw.inference_images per pass on each process (padded:
+    # one shape).
+    n_train, n_val = len(samples["train"]), len(samples["val"])
+    infer_batch = hw.inference_images * world.size if head_only and hw.inference_images else train.batch_size
     work = Workload(built.model, pre.crop_size, train_images=0 if head_only else n_train,
-                    infer_images=n_val + (views * n_embedded if head_only else 0), train_batch=share,
-                    infer_batch=share)
+                    infer_images=n_val + (views * n_train if head_only else 0), train_batch=train.batch_size,
+                    infer_batch=infer_batch, processes=world.size)
 
     def input_seconds(tensor: bool) -> float:
         return time_inputs(source, samples["train"], classes, pre, train.batch_size, hw, tensor)
     key = [built.arch, sum(p.numel() for p in trainable_parameters(built.model)), world.size]
     decided = world.broadcast(decide(hw, work, cache_dir, key, input_seconds) if world.main else None)
     hw = replace(decided, device=hw.device)  # each process keeps its own GPU
+    if not (world.main and hw.decision.get("measured_now")):
+        warm_up(hw, work, world.rank)  # this process's own shares, at the chosen settings; nothing on a CPU
 
     def image_batches(split_samples: list[Sample], training: bool, shuffle: bool | None = None, draws: int = seed):
         return source.batches(split_samples, classes, pre, train.batch_size, training, draws, hw, world=world,
@@ -129,7 +144,7 @@ def train_head_first(built: BuiltModel, classes: list[str], samples: dict[str, l
         head_hw, model, train_loader, val_loader = prepare(built, classes, samples, head_train, hw, seed, source,
                                                            cache_dir, world, subset)
         optimizer = make_optimizer(trainable_parameters(model), train.optimizer, train.lr, train.momentum,
-                                   train.weight_decay)
+                                   train.weight_decay, fused_optimizer(head_hw.device))
         result = fit(model, train_loader, val_loader, optimizer, None, train.head_epochs, head_hw,
                      train.aux_loss_weight, world=world)
     finally:
@@ -154,29 +169,43 @@ class Trained:
 
 def train_mode(model_name: str, mode: str, train: TrainParams, seed: int, classes: list[str],
                samples: dict[str, list[Sample]], split_dir: Path, cache_dir: Path, resume: tuple[Path, str, list],
-               world: World = SINGLE, subset: Subset | None = None) -> Trained:
+               world: World = SINGLE, subset: Subset | None = None, weights: str = "default") -> Trained:
     """Train `mode` as the train stage and a learning curve's point both do: seed, build, the head
     first if asked, fit (after the last finished epoch of an interrupted run with the same
-    identity: `resume` is (folder, name, identity)), then the best epoch's weights."""
+    identity, `resume` being (folder, name, identity), at the hardware settings that run decided),
+    then the best epoch's weights."""
     seed_everything(seed, train.deterministic)
     hw = train_hardware(train)
     if hw.device.type == "cuda":
         hw = replace(hw, device=torch.device("cuda", world.local_rank))
-    built = build_for_mode(model_name, len(classes), mode, head_spec(train), train.freeze)
-    source = ImageSource(open_split_store(split_dir, built.preprocess.resize_size, cache_dir))
+    built = build_for_mode(model_name, len(classes), mode, head_spec(train), train.freeze, weights)
+    source = ImageSource(open_split_store(split_dir, built.preprocess.resize_size, cache_dir,
+                                          built.preprocess.interpolation))
+    resume_path = resume_file(*resume) if train.resume and world.main else None
+    saved = load_resume(resume_path, world)
     head_history = []
     if train.head_epochs and backbone_trains(built):  # freeze, train the head, then unfreeze
         head_history = train_head_first(built, classes, samples, train, hw, seed, source, cache_dir, world, subset)
+    hw = hw if saved is None else as_saved(hw, saved["hardware"])
     hw, model, train_loader, val_loader = prepare(built, classes, samples, train, hw, seed, source, cache_dir, world,
                                                   subset)
-    optimizer, scheduler = optimizer_and_scheduler(model, built, train, len(train_loader))
-    resume_path = resume_file(*resume) if train.resume and world.main else None
+    optimizer, scheduler = optimizer_and_scheduler(model, built, train, len(train_loader), hw)
     result = fit(model, train_loader, val_loader, optimizer, scheduler, train.epochs, hw, train.aux_loss_weight,
-                 resume_path=resume_path, world=world)
+                 resume_path=resume_path, world=world, saved=saved)
     result.after(head_history)
     if world.main:
         model.load_state_dict(result.best_state)  # `model` may be the head alone: it lives in built.model
     return Trained(built, model, source, hw, result, len(train_loader), resume_path)
+
+
+def as_saved(hw: Hardware, settings: dict) -> Hardware:
+    """`hw` at the precision, layout, input path and loader workers an interrupted run decided
+    (engine's hardware_settings), not decided again: a new measurement (another GPU, a pruned
+    cache, a new torch) may choose otherwise, and the saved state fits only these (fp16's
+    GradScaler state, the draws of the input path's generators and workers)."""
+    decision = {**settings["decision"], "kept_from_resume_state": True} if settings["decision"] else {}
+    return replace(hw, amp_dtype=DTYPES[settings["precision"]], channels_last=settings["channels_last"],
+                   tensor_batches=settings["tensor_batches"], workers=settings["workers"], decision=decision)
 
 
 def time_inputs(source: ImageSource, samples: list[Sample], classes: list[str], pre, batch_size: int,
@@ -219,8 +248,11 @@ def summary(result: FitResult, built: BuiltModel, model: nn.Module, hw: Hardware
         "steady_images_per_s": statistics.median(later) if later else None,
         "trainable_parameters": sum(p.numel() for p in trainable_parameters(model)),
         "parameters": sum(p.numel() for p in built.model.parameters()),
+        "backbone": backbone_summary(built),  # the leaderboard's backbone columns
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_mb_after_epoch_1": history[0]["peak_rss_mb"],
+        "peak_gpu_memory_mb": peak_device_memory_mb(hw.device),  # torch's allocator, on this process's GPU
+        "batchnorm_statistics": batchnorm_statistics(model, hw.device, world_size),
         "features_cached": model is not built.model,
         "world_size": world_size,
         "optimizer_steps_per_epoch": steps_per_epoch,  # the same whatever world_size: batch_size is global

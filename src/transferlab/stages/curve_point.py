@@ -14,6 +14,7 @@ from pathlib import Path
 
 from transferlab.curve_point import training_rows
 from transferlab.data import read_splits
+from transferlab.distributed import World, use_least_used_gpu
 from transferlab.files import write_json
 from transferlab.images import samples_digest
 from transferlab.models import MODES
@@ -52,10 +53,12 @@ def point(size: str, mode: str, seed: int) -> None:
               f"this is the `all` point's training; not repeated")
         return
     train = params.for_mode(mode)
-    identity = [params.model, EMBED_SEED, seed, to_dict(train), rows, samples_digest(samples["train"] + samples["val"])]
+    identity = [params.model, params.weights, EMBED_SEED, seed, to_dict(train), rows,
+                samples_digest(samples["train"] + samples["val"])]
+    world = World(local_rank=use_least_used_gpu(train.device, cache_dir() / "gpus"))  # queued curves spread
     trained = train_mode(params.model, mode, train, seed, classes, samples, SPLIT_DIR, cache_dir(),
-                         (RESUME_DIR, f"curve-{mode}-{size}-s{seed}", identity),
-                         subset=Subset(rows, embed_seed=EMBED_SEED))
+                         (RESUME_DIR, f"curve-{mode}-{size}-s{seed}", identity), world,
+                         subset=Subset(rows, embed_seed=EMBED_SEED), weights=params.weights)
     built, result, hw = trained.built, trained.result, trained.hw
     fit_seconds = sum(r["train_seconds"] + r["val_seconds"] for r in result.history)  # the epochs themselves
     test_start = time.perf_counter()

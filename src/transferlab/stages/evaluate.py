@@ -11,14 +11,15 @@ from pathlib import Path
 import numpy as np
 
 from transferlab.data import ImageSource, open_split_store
-from transferlab.engine import Predictions, seed_everything
+from transferlab.distributed import use_least_used_gpu
+from transferlab.engine import Predictions, peak_device_memory_mb, peak_rss_mb, seed_everything
 from transferlab.files import load_checkpoint, replaced_together, write_json
 from transferlab.hardware import Hardware
 from transferlab.images import Sample, read_split
 from transferlab.metrics import classification_metrics, compare, headline, top_losses
 from transferlab.models import MODES, Preprocess, head_of, rebuild_model
 from transferlab.params import load_params
-from transferlab.scoring import predict_split, scoring_hardware
+from transferlab.scoring import SCORING_MATH, predict_split, scoring_hardware
 from transferlab.stages import cache_dir, require_inputs, run_stage
 
 TEST_CSV = Path("data/split/test.csv")
@@ -31,21 +32,25 @@ def main() -> None:
     require_inputs({str(TEST_CSV): "split", **{f"models/{mode}.pt": f"train-{mode}" for mode in MODES}})
     params = load_params()
     seed_everything(params.seed)
+    use_least_used_gpu("auto", cache_dir() / "gpus")  # where there are several: queued experiments spread
     hw = scoring_hardware(params.evaluate)
     samples = read_split(TEST_CSV)
     report, right, rows, sources = {"classes": None}, {}, {}, {}
     for mode in MODES:
         checkpoint = load_checkpoint(f"models/{mode}.pt")
         pre = Preprocess(**checkpoint["preprocess"])
-        if pre.resize_size not in sources:  # the three modes share one store: decoded once
-            sources[pre.resize_size] = ImageSource(open_split_store(TEST_CSV.parent, pre.resize_size, cache_dir()))
-        predictions, mode_hw = predict_test(checkpoint, samples, sources[pre.resize_size],
+        store = (pre.resize_size, pre.interpolation)
+        if store not in sources:  # the three modes share one store: decoded once
+            sources[store] = ImageSource(open_split_store(TEST_CSV.parent, pre.resize_size, cache_dir(),
+                                                          pre.interpolation))
+        predictions, mode_hw = predict_test(checkpoint, samples, sources[store],
                                             params.evaluate.batch_size, hw)
         classes = report["classes"] = checkpoint["classes"]
         report[mode] = {**classification_metrics(predictions.targets, predictions.probs, classes),
                         "top_losses": top_losses(predictions.probs, predictions.targets, [s.path for s in samples],
                                                  classes),
-                        "inference_images_per_s": predictions.stats.images_per_second, **mode_hw.describe()}
+                        "inference_images_per_s": predictions.stats.images_per_second, **mode_hw.describe(),
+                        **SCORING_MATH}
         right[mode] = predictions.probs.argmax(1) == predictions.targets
         rows[mode] = prediction_rows(samples, predictions, classes)
         print(f"{mode}: test accuracy {report[mode]['accuracy']:.4f} "
@@ -53,6 +58,7 @@ def main() -> None:
     for first, second in PAIRS:
         report[f"{first}_vs_{second}"] = compare(right, first, second)
     report["wall_seconds"] = time.perf_counter() - start  # after imports: model building, inference, metrics
+    report["peak_rss_mb"], report["peak_gpu_memory_mb"] = peak_rss_mb(), peak_device_memory_mb(hw.device)
     with replaced_together(*OUTPUTS) as (metrics, details, predictions_dir):  # all three or none
         write_json(metrics, {mode: headline(report[mode]) for mode in MODES})
         write_json(details, report)

@@ -17,7 +17,15 @@ from scmrepo.exceptions import SCMError
 
 import transferlab
 from transferlab.data import read_splits
-from transferlab.distributed import SINGLE, World, join, leave, resolve_processes, spawn, started_by_torchrun
+from transferlab.distributed import (
+    World,
+    join,
+    leave,
+    resolve_processes,
+    spawn,
+    started_by_torchrun,
+    use_least_used_gpu,
+)
 from transferlab.errors import UserError
 from transferlab.files import read_json, replaced_together, save_checkpoint, write_json
 from transferlab.images import samples_digest
@@ -48,8 +56,8 @@ def main(mode: str) -> None:
         return
     processes = resolve_processes(train.processes, train.device)
     check_batch_size(train.batch_size, processes)
-    if processes == 1:
-        run(mode, SINGLE)
+    if processes == 1:  # on the least-used GPU where there are several: queued experiments spread over them
+        run(mode, World(local_rank=use_least_used_gpu(train.device, cache_dir() / "gpus")))
     else:
         print(f"{mode}: {processes} processes, each computing a share of every batch", flush=True)
         spawn(partial(run, mode), processes, train.device, f"{mode} training")
@@ -70,9 +78,9 @@ def run(mode: str, world: World) -> None:
     classes = read_json(SPLIT_DIR / "report.json")["classes"]
     samples = read_splits(SPLIT_DIR)
     data_key = samples_digest(samples["train"] + samples["val"])
-    identity = [params.model, params.seed, to_dict(train), data_key, world.size]
+    identity = [params.model, params.weights, params.seed, to_dict(train), data_key, world.size]
     trained = train_mode(params.model, mode, train, params.seed, classes, samples, SPLIT_DIR, cache_dir(),
-                         (RESUME_DIR, mode, identity), world)
+                         (RESUME_DIR, mode, identity), world, weights=params.weights)
     if not world.main:
         return
     built, model, result, resume_path = trained.built, trained.model, trained.result, trained.resume_path
@@ -83,7 +91,8 @@ def run(mode: str, world: World) -> None:
             **describe(built), "format": 1, "mode": mode, "model": params.model, "classes": classes,
             "state_dict": {k: v.detach().cpu() for k, v in built.model.state_dict().items()},
             "best_epoch": result.best_epoch, "features_cached": model is not built.model,
-            "params": {"seed": params.seed, "train": to_dict(train)}, "versions": versions()})
+            "params": {"seed": params.seed, "weights": params.weights, "train": to_dict(train)},
+            "weights_id": built.weights_id, "versions": versions()})
         write_logs(logs, result.history)
         write_json(metrics, headline(details))
         write_json(report, details)
