@@ -2,7 +2,7 @@
 
     python benchmarks/curve.py --archive ../shared/data/hymenoptera_data.zip [--epochs 5]
 
-In a fresh project: `dvc repro decode` (fetch, split, decode), then `dvc repro curves/dvc.yaml`
+In a fresh project: `dvc repro decode` (fetch, split, decode), then `transferlab curve`
 with efficientnet_lite0 and its real ImageNet weights, n = 2, 5, 10, 20, 50 and all images per
 class, 3 seeds, 3 modes. Prints the curve (curves/curve.md) and:
 - the curve's wall time, the training and testing inside its points, and the overhead: the rest
@@ -45,7 +45,7 @@ def main() -> None:
     env = {**bench_env(work), "PYTHONPATH": str(project / "src")}  # the project's copy: edits here do not leak in
     prepare_s, _ = timed([sys.executable, "-m", "dvc", "repro", "decode"], project, env)
     print(f"fetch + split + decode: {prepare_s:.1f} s", flush=True)
-    wall, _ = timed([sys.executable, "-m", "dvc", "repro", "curves/dvc.yaml"], project, env)
+    wall, _ = timed([sys.executable, "-m", "transferlab.cli", "curve"], project, env)
     print((project / "curves/curve.md").read_text())
     report = json.loads((project / "curves/curve.json").read_text())
     spent = report["seconds"]

@@ -5,7 +5,7 @@ same optimizer steps as the full training set, per mode, over the same seeds.
     python benchmarks/curve_budget.py --work DIR   # then: its smallest size again with budget: epochs
 
 Copies DIR/project (with its caches) to DIR/project-epochs, sets `budget: epochs` and only the
-smallest size in curves/params.yaml, runs `dvc repro curves/dvc.yaml` there, and prints both
+smallest size in curves/params.yaml, runs `transferlab curve` there, and prints both
 rules side by side: optimizer steps, best epoch and test accuracy (mean over seeds, 95% interval).
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main() -> None:
     params["curve"].update(images_per_class=[smallest], budget="epochs")
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**bench_env(work), "PYTHONPATH": str(epochs_project / "src")}
-    wall, _ = timed([sys.executable, "-m", "dvc", "repro", "curves/dvc.yaml"], epochs_project, env)
+    wall, _ = timed([sys.executable, "-m", "transferlab.cli", "curve"], epochs_project, env)
     print(f"{smallest} images per class, budget: epochs, every mode and seed: {wall:.0f} s")
     print("| mode | rule | optimizer steps | best epoch (mean) | test accuracy | 95% interval |")
     print("|---|---|---|---|---|---|")

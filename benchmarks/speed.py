@@ -42,7 +42,7 @@ def make_project(work: Path, archive: str, epochs: int) -> Path:
     """A git + DVC repo holding the pipeline, its params pointed at `archive`."""
     project = work / "project"
     shutil.copytree(ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for name in ("dvc.yaml", "params.yaml", "curves/dvc.yaml", "curves/params.yaml"):
+    for name in ("dvc.yaml", "params.yaml", "curves/pipeline.yaml", "curves/params.yaml"):
         (project / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, project / name)
     set_params(project, data={"url": archive}, train={"epochs": epochs})

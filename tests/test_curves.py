@@ -13,7 +13,7 @@ from conftest import copy_finished, interrupt, run
 from transferlab import curves
 from transferlab.curve_point import training_rows
 from transferlab.images import Sample
-from transferlab.splits import per_class_subset
+from transferlab.subsets import per_class_subset
 
 
 def pool(counts: dict[str, int]) -> list[Sample]:
@@ -265,3 +265,25 @@ def test_a_curve_through_dvc_runs_new_points_only_continues_after_ctrl_c_and_sha
     assert len(list(cache.glob("features-*[!k]"))) == 1
     report = json.loads((project / "curves/curve.json").read_text())
     assert report["seeds"] == [0, 1] and all(r["seeds"] == [0, 1] for r in report["rows"])
+
+
+def test_transferlab_curve_passes_dvc_options_on_and_says_where_it_must_run(tmp_path, monkeypatch, capsys):
+    from transferlab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["curve", "--dry", "-v"]) == 1  # options for dvc repro are taken, not refused
+    assert "curves/pipeline.yaml is missing: run transferlab curve from the project's root" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["cache", "--dry"])  # the other verbs still refuse what they do not know
+
+
+def test_more_than_n_times_the_data_rests_on_scratch_at_the_largest_size():
+    """Finetune at 2 per class is far better than scratch at 2, but hardly better than scratch at
+    all the data: "worth more than 14x the data" would claim what the test does not show."""
+    points = points_for({("finetune", 2): 0.133, ("scratch", 2): 0.10, ("scratch", 28): 0.125}, images=600)
+    rows = curves.table(points)
+    (claim,) = [d for d in curves.dividend(points, rows) if d["mode"] == "finetune"]
+    assert claim["against_scratch_at"] == 28 and claim["factor"] is None
+    assert "against scratch at 28 per class" in claim["says"] and "worth" not in claim["says"]
+    same_size = curves.size_tests(points, rows, "finetune", "scratch")  # at 2 per class alone it is clear
+    assert same_size[0]["verdict"] == "better"

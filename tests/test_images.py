@@ -15,7 +15,8 @@ def test_image_files_are_those_imagefolder_accepts():
 
 
 def test_light_stages_start_without_torch():
-    code = ("import sys, transferlab.stages.fetch, transferlab.stages.split, transferlab.stages.plot; "
+    code = ("import sys, transferlab.stages.fetch, transferlab.stages.split, transferlab.stages.plot, "
+            "transferlab.stages.curve, transferlab.compare; "
             "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
 

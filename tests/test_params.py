@@ -147,18 +147,3 @@ def test_the_curve_params_load_and_their_mistakes_name_the_key(tmp_path):
             load_curve_params(path)
         assert str(err.value) == f"{path}: {words}"
 
-
-def test_lr_find_and_the_regularisation_recipes_load_and_refuse_what_cannot_apply(raw):
-    raw["scratch"] = {"lr": "find", "patience": 5, "label_smoothing": 0.1, "mixup_alpha": 0.2, "augment": "randaugment"}
-    params = parse_params(raw, check_model=False)
-    assert (params.scratch.lr, params.scratch.patience, params.scratch.augment) == ("find", 5, "randaugment")
-    assert params.finetune.lr == 0.001 and params.finetune.patience == 0  # off unless asked
-    raw["extract"] = {"freeze": "all", "cutmix_alpha": 1.0}
-    with pytest.raises(ParamsError, match="extract.cutmix_alpha: is 1.0, but a frozen backbone trains its head on "
-                                          "cached embeddings.*set extract.cache_features: false"):
-        parse_params(raw, check_model=False)
-    raw["extract"] = {"freeze": "all", "cutmix_alpha": 1.0, "cache_features": False}
-    assert parse_params(raw, check_model=False).extract.cutmix_alpha == 1.0
-    raw["scratch"] = {"lr": "fast"}
-    with pytest.raises(ParamsError, match="scratch.lr: .*find"):
-        parse_params(raw, check_model=False)

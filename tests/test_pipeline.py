@@ -85,11 +85,11 @@ def test_repro_then_experiment_then_metrics_diff(finished_project, tmp_path):
     assert len(numbers) == 3 * 5 + 3 * 3  # what `dvc exp show` puts in columns: a screenful
     for png in ("val_accuracy", "loss", "test_accuracy", "confusion", "test_predictions", "top_losses"):
         assert (project / f"plots/{png}.png").read_bytes()[:4] == b"\x89PNG"
-    for mode in MODES:  # the images each mode got most surely wrong, surest first
+    for mode in MODES:  # the mistakes with the largest loss, largest first
         mistakes = details[mode]["top_losses"]
         assert len(mistakes) == min(16, details[mode]["images"] - details[mode]["correct"])
         assert all(m["true"] != m["predicted"] for m in mistakes)
-        assert [m["confidence"] for m in mistakes] == sorted((m["confidence"] for m in mistakes), reverse=True)
+        assert [m["loss"] for m in mistakes] == sorted((m["loss"] for m in mistakes), reverse=True)
     # As typed: a plain `dvc status` reads every dvc.yaml of the project, and finds no curve nobody
     # asked for (transferlab curve writes its pipeline only when asked).
     assert run(["dvc", "status"], project, env).stdout.strip() == "Data and pipelines are up to date."

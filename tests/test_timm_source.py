@@ -73,7 +73,7 @@ def test_weights_come_exactly_from_a_local_file_or_the_offline_hub_cache(tmp_pat
     backbone = [k for k in written if not k.startswith("head.")]
     built = build_model(TINY, 3, pretrained=True, weights=str(tmp_path / "weights.pth"))
     loaded = built.model.state_dict()
-    assert all(torch.equal(loaded[k], written[k]) for k in backbone) and built.weights_id == "weights.pth"
+    assert all(torch.equal(loaded[k], written[k]) for k in backbone) and built.weights_id.startswith("weights.pth@")
     assert loaded["head.weight"].shape == (3, written["head.weight"].shape[1])  # a new head, 3 classes
     width = written["head.weight"].shape[1]
     assert backbone_summary(built) == {"kind": "supervised", "embedding_size": width,
@@ -162,3 +162,12 @@ def test_a_timm_model_runs_the_pipeline_the_leaderboard_and_a_learning_curve(tmp
     run(["transferlab", "curve"], project, env)
     rows = json.loads((project / "curves/curve.json").read_text())["rows"]
     assert [(r["mode"], r["images_per_class"]) for r in rows] == [("extract", 2), ("extract", "all")]
+
+
+def test_a_weights_variant_that_changes_the_architecture_builds_it_for_every_mode():
+    """SWAG's end-to-end ViT weights are for 384 px: scratch and a rebuilt checkpoint take that
+    size too, not the 224 of torchvision's default."""
+    built = build_model("vit_b_16", 2, pretrained=False, weights="IMAGENET1K_SWAG_E2E_V1")
+    assert built.preprocess.crop_size == 384 and built.arch_kwargs == {"image_size": 384}
+    assert built.model(torch.randn(1, 3, 384, 384)).shape == (1, 2)
+    rebuild_model(built.arch, built.arch_kwargs, 2).load_state_dict(built.model.state_dict())

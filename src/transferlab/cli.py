@@ -88,7 +88,8 @@ def curve(args: argparse.Namespace) -> int:
 
         with atomic_writer(CURVE_DVC_YAML) as f:
             f.write(pipeline)
-    return subprocess.run(["dvc", "repro", str(CURVE_DVC_YAML), *args.dvc_args]).returncode
+    # This interpreter's dvc: the one installed beside transferlab, whatever PATH holds.
+    return subprocess.run([sys.executable, "-m", "dvc", "repro", str(CURVE_DVC_YAML), *args.dvc_args]).returncode
 
 
 def predict(args: argparse.Namespace) -> int:
@@ -187,7 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "curve":  # only `curve` passes options on (to dvc repro)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "curve":
+        args.dvc_args = [*args.dvc_args, *extra]
     try:
         return args.run(args)
     except UserError as err:

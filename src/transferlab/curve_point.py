@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 
 from transferlab.images import Sample
-from transferlab.splits import per_class_subset
+from transferlab.subsets import per_class_subset
 
 
 def training_rows(train: list[Sample], per_class: int | None, seed: int, budget: str) -> tuple[list[int], dict]:

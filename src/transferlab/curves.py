@@ -74,28 +74,46 @@ def size_tests(points: list[dict], rows: list[dict], better: str, than: str) -> 
 
 
 def dividend(points: list[dict], rows: list[dict]) -> list[dict]:
-    """At each size, how many images per class scratch needs to match each transfer mode; stated
-    only where the paired test shows the transfer mode better than scratch at that size."""
+    """At each size, how many images per class scratch needs to match each transfer mode. A claim
+    rests on the paired test against scratch at the size it says falls short (Holm-adjusted over
+    the mode's sizes): "more than N" on scratch at the largest size N, "about M" on scratch at the
+    largest size below M, none at or below the transfer mode's own size on scratch at that size.
+    Where the test does not show the transfer mode better, no dividend is stated."""
     scratch = line(rows, "scratch")
     accuracy = {(row["mode"], row["x"]): row["accuracy"] for row in rows}
+    size_at = {row["x"]: row["images_per_class"] for row in rows if row["mode"] == "scratch"}
     result = []
     for mode in TRANSFER_MODES if scratch else ():
-        for test in size_tests(points, rows, mode, "scratch"):
-            x, reached = test["x"], accuracy[mode, test["x"]]
+        claims = []
+        for x, reached in line(rows, mode):
             relation, needed = images_to_reach(scratch, reached)
-            shown = test["verdict"] == "better"
-            result.append({"mode": mode, "x": x, "accuracy": reached, "scratch_accuracy": accuracy["scratch", x],
-                           "verdict": test["verdict"], "p_adjusted": test["p_adjusted"],
-                           "scratch_needs": relation if shown else None, "images": needed if shown else None,
-                           "factor": needed / x if shown else None,
+            below = [sx for sx, _ in scratch if sx < needed]
+            anchor = needed if relation == ">" else max(below) if relation == "=" and below else x
+            claims.append((x, reached, relation, needed, anchor if anchor in size_at else x))
+        pairs = [(right_at(points, mode, size_of(rows, mode, x)), right_at(points, "scratch", size_at[anchor]))
+                 for x, _, _, _, anchor in claims if anchor in size_at]
+        for (x, reached, relation, needed, anchor), test in zip([c for c in claims if c[4] in size_at], judge(pairs)):
+            shown = test["verdict"].startswith("better")
+            result.append({"mode": mode, "x": x, "accuracy": reached, "against_scratch_at": anchor,
+                           "scratch_accuracy": accuracy["scratch", anchor], "verdict": test["verdict"],
+                           "p_adjusted": test["p_adjusted"], "scratch_needs": relation if shown else None,
+                           "images": needed if shown else None, "factor": needed / x if shown else None,
                            "says": dividend_sentence(mode, x, reached, relation, needed) if shown
-                           else unshown_sentence(mode, x, reached, accuracy["scratch", x], test)})
+                           else unshown_sentence(mode, x, reached, anchor, accuracy["scratch", anchor], test)})
     return result
 
 
-def unshown_sentence(mode: str, x: float, accuracy: float, scratch: float, test: dict) -> str:
-    return (f"at {x:g} images per class, {mode} ({accuracy:.1%}) against scratch ({scratch:.1%}): "
-            f"{test['verdict']} (p = {test['p_adjusted']:.3g}), so no dividend is measured there")
+def size_of(rows: list[dict], mode: str, x: float):
+    return next(row["images_per_class"] for row in rows if row["mode"] == mode and row["x"] == x)
+
+
+def right_at(points: list[dict], mode: str, size) -> np.ndarray:
+    return right_matrix([p for p in points if p["mode"] == mode and p["images_per_class"] == size])
+
+
+def unshown_sentence(mode: str, x: float, accuracy: float, anchor: float, scratch: float, test: dict) -> str:
+    return (f"at {x:g} images per class, {mode} ({accuracy:.1%}) against scratch at {anchor:g} per class "
+            f"({scratch:.1%}): {test['verdict']} (p = {test['p_adjusted']:.3g}), so no dividend is measured there")
 
 
 def dividend_sentence(mode: str, x: float, accuracy: float, relation: str, needed: float) -> str:
@@ -106,7 +124,7 @@ def dividend_sentence(mode: str, x: float, accuracy: float, relation: str, neede
         return (f"{at}, which needs more than the {needed:g} per class there are to reach it: ImageNet weights "
                 f"are worth more than {needed / x:.1f}x the data")
     if relation == "<=":
-        return f"{at} at that size, though scratch's mean reaches it with {needed:g} per class or more"
+        return f"{at} at that size, though scratch's mean reaches it with {needed:g} per class or fewer"
     if needed <= x:
         return f"{at} at that size, though scratch's curve reaches it at about {needed:.0f} per class"
     return (f"{at}, which needs about {needed:.0f} per class to reach it: ImageNet weights are worth about "
@@ -120,7 +138,7 @@ def crossover(points: list[dict], rows: list[dict]) -> dict:
     if not tests:
         return {"from_images_per_class": None, "says": "no crossover: it needs finetune and extract in curve.modes",
                 "tests": []}
-    better = [t for t in tests if t["verdict"] == "better"]
+    better = [t for t in tests if t["verdict"].startswith("better")]
     says = (f"finetune first beats extract at {better[0]['x']:g} images per class" if better
             else f"a frozen backbone (extract) is enough: finetune never beats it, up to {tests[-1]['x']:g} "
                  f"images per class")

@@ -116,7 +116,7 @@ def plot_prediction_grid(predictions_csv: Path, count: int, path: Path, title: s
 
 
 def plot_top_losses(evaluation: dict, modes: list[str], path: Path, per_mode: int = 8) -> None:
-    """Per mode (a row each), the test images it got most surely wrong: true class, predicted class
+    """Per mode (a row each), its mistakes with the largest loss: true class, predicted class
     and confidence, names shortened so that a row stays legible with 100 classes."""
     cols = max([min(per_mode, len(evaluation[m]["top_losses"])) for m in modes] + [1])
     fig, axes = plt.subplots(len(modes), cols, figsize=(2.6 * cols, 3.0 * len(modes)), squeeze=False)
@@ -130,7 +130,7 @@ def plot_top_losses(evaluation: dict, modes: list[str], path: Path, per_mode: in
             ax.imshow(load_image(mistake["path"], min_side=160))
             ax.set_title(f"{mode}: {mistake['confidence']:.0%}\npred {short_label(mistake['predicted'], 18)}\n"
                          f"true {short_label(mistake['true'], 18)}", color="red", fontsize=8)
-    fig.suptitle("test images each mode got most surely wrong (where mislabeled images show)")
+    fig.suptitle("the mistakes with the largest loss, per mode (where mislabeled images show)")
     _save(fig, path)
 
 

@@ -6,8 +6,9 @@ training split, from the weights training will start from; the sweep stops early
 diverges (its smoothed value four times its lowest). The rule for the pick: a tenth of the lr at
 which the smoothed loss was lowest (fastai's "minimum / 10"): the lowest point is already past
 the steepest descent and close to where training blows up, so a tenth of it trains fast and
-stays stable. The weights, optimizer and every random generator are put back afterwards, so the
-run that follows is the one it would have been with that lr given by hand. The sweep and the
+stays stable. The weights and torch's CPU generator are put back afterwards, and the sweep draws
+its batches from a loader of its own, so that the run that follows starts as it would have with
+that lr given by hand (on a GPU the device's generator moves too: resume saves it anyway). The sweep and the
 pick are recorded in the train report and drawn; they are cached under everything the sweep
 depends on, so an unchanged re-run does not repeat it.
 """

@@ -140,6 +140,7 @@ class Noise:
     per_seed: tuple[float, float]
     measured_on: tuple[int, int]
     scale: tuple[int, int]
+    borrowed: bool = False  # a row of one seed took the other's estimate: one estimate, counted once
 
     def parts(self, seeds=None, seeds_only: bool = False) -> list[tuple]:
         """(variance, degrees of freedom) of each row's seed part of the gap's variance, now or at
@@ -151,7 +152,10 @@ class Noise:
             counts, measured = self.seeds, self.measured_on
         else:
             counts = measured = [np.maximum(seeds, k) for k in self.seeds]
-        return [(v / k, (m - 1) * unit) for v, k, m, unit in zip(self.per_seed, counts, measured, scale)]
+        parts = [(v / k, (m - 1) * unit) for v, k, m, unit in zip(self.per_seed, counts, measured, scale)]
+        if self.borrowed:  # both terms are one estimate: its degrees of freedom are the lender's, once
+            return [(parts[0][0] + parts[1][0], max(parts[0][1], parts[1][1]))]
+        return parts
 
     def variance(self, seeds=None, floor: bool = True):
         """The gap's variance; without the floor, the part that seeds shrink."""
@@ -195,10 +199,13 @@ def noise(a: np.ndarray, b: np.ndarray) -> Noise:
     spread = float((a.mean(0) - b.mean(0)).var(ddof=1))
     floor = max(0.0, spread - fa / seeds[0] - fb / seeds[1])
     # A mean square on d degrees of freedom has variance 2 M^2 / d; the floor is a difference of three.
-    squares = [(spread, images - 1)] + [(f / k, (m - 1) * (images - 1))
-                                        for f, k, m in zip((fa, fb), seeds, measured_on)]
+    flip_terms = [(f / k, (m - 1) * (images - 1)) for f, k, m in zip((fa, fb), seeds, measured_on)]
+    borrowed = None in measured
+    if borrowed:  # one estimate of the flips, not two independent ones
+        flip_terms = [(flip_terms[0][0] + flip_terms[1][0], max(flip_terms[0][1], flip_terms[1][1]))]
+    squares = [(spread, images - 1)] + flip_terms
     floor_sd = sum(2 * m ** 2 / d for m, d in squares) ** 0.5
-    return Noise(images, seeds, floor / images, floor_sd / images, (va, vb), measured_on, (ua, ub))
+    return Noise(images, seeds, floor / images, floor_sd / images, (va, vb), measured_on, (ua, ub), borrowed)
 
 
 def undetectable_below(found: Noise, factor: int = 1) -> float:
@@ -306,7 +313,8 @@ def verdict(gap: float, p: float, seeds: int, needed: int | None) -> str:
     """What a comparison says, given its (adjusted) p, the fewer seeds of its two rows, and
     paired_difference's seeds_needed:
 
-    - "better" / "worse": p < ALPHA;
+    - "better" / "worse": p < ALPHA; with one seed each, "better on these runs (...)": McNemar
+      shows that these two runs differ, and nothing measured whether re-runs would;
     - "too few runs to tell (1 seed each; ...)": one seed each and no difference: nothing measured
       the seed-to-seed spread, so nothing says whether more seeds would show one;
     - "not distinguishable": seeds_needed is None: even the largest gap these runs allow (the
@@ -316,7 +324,9 @@ def verdict(gap: float, p: float, seeds: int, needed: int | None) -> str:
       per row that would tell if the gap is what these runs saw.
     """
     if p < ALPHA:
-        return "better" if gap > 0 else "worse"
+        word = "better" if gap > 0 else "worse"
+        # One run each: McNemar shows these two runs differ, not that re-runs would rank them alike.
+        return word if seeds > 1 else f"{word} on these runs (1 seed each; the seed-to-seed spread is unmeasured)"
     if needed is None and seeds == 1:
         return "too few runs to tell (1 seed each; the seed-to-seed spread is unmeasured)"
     if needed is None:

@@ -9,6 +9,7 @@ per-model table; timm's models say where theirs is.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 import urllib.error
 from dataclasses import asdict, dataclass
@@ -40,7 +41,7 @@ LITES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lit
 IMAGENET_CLASSES = 1000
 # Constructor arguments that torchvision's weights builders override; recorded in checkpoints so
 # the same architecture can be rebuilt without the weights file.
-_ARCH_KWARGS = ("aux_logits", "transform_input")
+_ARCH_KWARGS = ("aux_logits", "transform_input", "image_size")  # image_size: a ViT's weights set it
 
 
 @dataclass(frozen=True)
@@ -286,18 +287,29 @@ def torchvision_weights(arch: str, weights: str = "default"):
     return enum[weights]
 
 
+def file_identity(path: str) -> str:
+    """A local weights file's name and content digest: what the embedding cache is keyed by, so a
+    file replaced in place (or another one of the same name) is not taken for the one cached."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"{os.path.basename(path)}@{digest.hexdigest()[:16]}"
+
+
 def _torchvision(arch: str, pretrained: bool, weights: str = "default") -> tuple[nn.Module, str]:
     from torchvision.models import get_model
 
     chosen = torchvision_weights(arch, weights)
-    if not pretrained:
-        return get_model(arch, weights=None), os.path.basename(chosen.url)
+    if not pretrained:  # the variant's architecture: a ViT's position embeddings follow its input size
+        sized = {"image_size": chosen.meta["min_size"][0]} if arch.startswith("vit_") else {}
+        return get_model(arch, weights=None, **sized), os.path.basename(chosen.url)
     if is_weights_file(weights):
         if not os.path.isfile(weights):
             raise WeightsUnavailable(f"weights: {weights} is not a file; name a state dict of {arch}, or default")
         model = get_model(arch, weights=None)
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        return model, os.path.basename(weights)
+        return model, file_identity(weights)
     _ensure_weights_file(arch, chosen.url)
     return get_model(arch, weights=chosen), os.path.basename(chosen.url)
 

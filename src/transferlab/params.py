@@ -62,7 +62,7 @@ class TrainParams:
     epochs: int
     batch_size: int
     optimizer: Literal["sgd", "adam", "adamw"]
-    lr: Union[float, Literal["find"]]   # find: the lr range test picks it (lr_finder.py)
+    lr: float
     momentum: float
     weight_decay: float
     scheduler: Literal["none", "step", "cosine", "onecycle"]
@@ -87,30 +87,12 @@ class TrainParams:
     cache_features: bool
     feature_views: int
     resume: bool
-    # The recipes (recipes.py); their defaults change nothing.
-    patience: int = 0               # validation checks without improvement that end a run; 0: never
-    label_smoothing: float = 0.0
-    mixup_alpha: float = 0.0        # 0: off
-    cutmix_alpha: float = 0.0       # 0: off
-    augment: Literal["none", "trivialaugment", "randaugment"] = "none"
-    ema_decay: float = 0.0          # an exponential moving average of the weights; 0: off
 
     def check(self, key: str) -> None:
         for name in ("epochs", "batch_size", "step_size", "feature_views"):
             value = getattr(self, name)
             _require(value > 0, f"{key}.{name}", f"is {value}; it must be greater than 0")
-        _require(self.lr == "find" or self.lr > 0, f"{key}.lr", f"is {self.lr}; it must be greater than 0, or find")
-        _require(self.patience >= 0, f"{key}.patience", f"is {self.patience}; use 0 (never stop early) or more")
-        _require(0 <= self.label_smoothing < 1, f"{key}.label_smoothing",
-                 f"is {self.label_smoothing}; it must lie in [0, 1)")
-        for name in ("mixup_alpha", "cutmix_alpha"):
-            _require(getattr(self, name) >= 0, f"{key}.{name}", f"is {getattr(self, name)}; use 0 (off) or more")
-        _require(0 <= self.ema_decay < 1, f"{key}.ema_decay", f"is {self.ema_decay}; use 0 (off) or a decay below 1")
-        if self.cache_features and self.freeze in ("all", 1.0):
-            for name, off in (("mixup_alpha", 0), ("cutmix_alpha", 0), ("augment", "none")):
-                _require(getattr(self, name) == off, f"{key}.{name}",
-                         f"is {getattr(self, name)}, but a frozen backbone trains its head on cached embeddings, "
-                         f"which are not images to mix or augment; set {key}.cache_features: false to use it")
+        _require(self.lr > 0, f"{key}.lr", f"is {self.lr}; it must be greater than 0")
         for name in ("momentum", "weight_decay", "aux_loss_weight"):
             value = getattr(self, name)
             _require(value >= 0, f"{key}.{name}", f"is {value}; it must be 0 or more")
@@ -141,7 +123,6 @@ class EvaluateParams:
     batch_size: int
     precision: Literal["auto", "fp32", "bf16", "fp16"]
     channels_last: Union[bool, Literal["auto"]]
-    tta: bool = False  # test-time augmentation: the mean of the centre crop's and its mirror's probabilities
 
     def check(self, key: str) -> None:
         _require(self.batch_size > 0, f"{key}.batch_size", f"is {self.batch_size}; it must be greater than 0")

@@ -1,8 +1,7 @@
 """A fetched folder -> stratified, seeded train/val/test lists, with every skipped file explained."""
 from __future__ import annotations
 
-import random
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -11,6 +10,7 @@ from sklearn.model_selection import train_test_split
 from transferlab.errors import UserError
 from transferlab.images import Sample, file_digest, is_image_file, load_image
 from transferlab.near_duplicates import near_copies
+from transferlab.subsets import per_class_subset
 
 # Decoding at a small scale still reads every byte of the file, so truncation is caught, cheaply.
 _CHECK_SIDE = 64
@@ -164,27 +164,6 @@ def move_near_copies(train: list[Sample], val: list[Sample], distance: int,
     moving = {row["path"] for row in found}
     return (_sorted(train + [s for s in val if s.path in moving]), [s for s in val if s.path not in moving],
             found)
-
-
-def per_class_subset(samples: list[Sample], per_class: int | None, seed: int) -> tuple[list[Sample], dict]:
-    """At most `per_class` images of each class (None: all), drawn with `seed`, and what was drawn.
-
-    Each class's images are shuffled once by a generator seeded with (seed, class) and the first
-    `per_class` taken, so subsets are nested: those of 5 are among those of 10, for any seed. A
-    class with fewer images gives all it has, and the returned summary names it.
-    """
-    by_class = defaultdict(list)
-    for sample in _sorted(samples):
-        by_class[sample.label].append(sample)
-    subset, short = [], {}
-    for label, rows in sorted(by_class.items()):
-        random.Random(f"{seed}:{label}").shuffle(rows)
-        if per_class is not None and len(rows) < per_class:
-            short[label] = len(rows)
-        subset += rows[:per_class]
-    counts = Counter(s.label for s in subset)
-    return _sorted(subset), {"requested": "all" if per_class is None else per_class, "seed": seed,
-                             "counts": dict(sorted(counts.items())), "classes_with_fewer": short}
 
 
 def _check_same_classes(train: list[Sample], test: list[Sample], raw: Path) -> None:

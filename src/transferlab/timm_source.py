@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # torch only where a model is built: compare reads backbone_kind without it
+    from torch import nn
 
 PREFIX = "timm/"
 
@@ -70,8 +71,11 @@ def create(name: str, pretrained: bool, weights: str = "default") -> tuple[nn.Mo
         model = timm.create_model(arch, pretrained=True, **overlay)
     except (OSError, RuntimeError, ValueError) as err:  # huggingface_hub's errors derive from these
         raise _unavailable(name, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
-    source = overlay["pretrained_cfg_overlay"]["file"] if overlay else model.pretrained_cfg.get("hf_hub_id")
-    return model, os.path.basename(source) if overlay else source
+    if overlay:
+        from transferlab.models import file_identity
+
+        return model, file_identity(weights)
+    return model, model.pretrained_cfg.get("hf_hub_id")
 
 
 def _unavailable(name: str, why: str):
@@ -96,6 +100,8 @@ def classifier_names(model: nn.Module) -> list[str]:
 def replace_head(model: nn.Module, num_classes: int) -> list[str]:
     """A new `num_classes` classifier through timm's own `reset_classifier` (which keeps the
     model's pooling); returns the classifier's module names."""
+    from torch import nn
+
     model.reset_classifier(num_classes)
     names = classifier_names(model)
     for name in names:

@@ -181,7 +181,10 @@ def train_mode(model_name: str, mode: str, train: TrainParams, seed: int, classe
     built = build_for_mode(model_name, len(classes), mode, head_spec(train), train.freeze, weights)
     source = ImageSource(open_split_store(split_dir, built.preprocess.resize_size, cache_dir,
                                           built.preprocess.interpolation))
-    resume_path = resume_file(*resume) if train.resume and world.main else None
+    # A state saved on another kind of device (its generators, fp16's scaler) fits no other: the
+    # device is part of the run's identity.
+    folder, name, identity = resume
+    resume_path = resume_file(folder, name, [*identity, hw.device.type]) if train.resume and world.main else None
     saved = load_resume(resume_path, world)
     head_history = []
     if train.head_epochs and backbone_trains(built):  # freeze, train the head, then unfreeze
@@ -203,7 +206,9 @@ def as_saved(hw: Hardware, settings: dict) -> Hardware:
     (engine's hardware_settings), not decided again: a new measurement (another GPU, a pruned
     cache, a new torch) may choose otherwise, and the saved state fits only these (fp16's
     GradScaler state, the draws of the input path's generators and workers)."""
-    decision = {**settings["decision"], "kept_from_resume_state": True} if settings["decision"] else {}
+    # Not measured now: every process warms up at these settings before the loop.
+    decision = ({**settings["decision"], "measured_now": False, "kept_from_resume_state": True}
+                if settings["decision"] else {})
     return replace(hw, amp_dtype=DTYPES[settings["precision"]], channels_last=settings["channels_last"],
                    tensor_batches=settings["tensor_batches"], workers=settings["workers"], decision=decision)
 

@@ -1,6 +1,6 @@
 """evaluate: models/MODE.pt + data/split/test.csv -> metrics/eval.json (the headline numbers),
-reports/eval.json (every metric, per-class detail, paired tests, the images each mode gets most
-surely wrong) and metrics/predictions/MODE.csv.
+reports/eval.json (every metric, per-class detail, paired tests, each mode's mistakes with the
+largest loss) and metrics/predictions/MODE.csv.
 
 The only stage that reads the test split.
 """
