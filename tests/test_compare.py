@@ -288,6 +288,8 @@ def test_a_row_of_one_seed_borrows_the_degrees_of_freedom_of_the_spread_it_borro
     # not as two independent ones (Welch-Satterthwaite would then give it about twice its 4).
     assert [dof for _, dof in found.parts(seeds_only=True)] == [4] and found.per_seed[0] == found.per_seed[1]
     assert found.dof(floor=False, seeds_only=True) == pytest.approx(4)
+    test = paired_difference(a[:1], b)  # and through the whole test, seeds_needed's arrays of counts included
+    assert 0 <= test["p_value"] <= 1 and (test["seeds_needed"] is None or test["seeds_needed"] >= 2)
     assert verdict(0.01, 0.3, 1, 4) == "too few runs to tell (1 seed; would need about 4 per row)"
     assert verdict(0.01, 0.3, 3, 5000) == "too few runs to tell (3 seeds; would need over 1000 per row)"
 

@@ -287,3 +287,17 @@ def test_more_than_n_times_the_data_rests_on_scratch_at_the_largest_size():
     assert "against scratch at 28 per class" in claim["says"] and "worth" not in claim["says"]
     same_size = curves.size_tests(points, rows, "finetune", "scratch")  # at 2 per class alone it is clear
     assert same_size[0]["verdict"] == "better"
+
+
+def test_a_point_depends_on_every_train_key_that_changes_its_result():
+    """The point's params list the train keys one by one (not processes, resume or workers): a
+    key added to TrainParams and forgotten there would change points without re-running them."""
+    import dataclasses
+    from pathlib import Path
+
+    from transferlab.params import TrainParams
+
+    pipeline = yaml.safe_load((Path(__file__).resolve().parents[1] / "curves/pipeline.yaml").read_text())
+    listed = {p.removeprefix("train.") for p in pipeline["stages"]["point"]["params"]
+              if isinstance(p, str) and p.startswith("train.")}
+    assert listed == {f.name for f in dataclasses.fields(TrainParams)} - {"processes", "resume", "workers"}

@@ -52,16 +52,18 @@ def loaders_data(tmp_path_factory):
     return train, val, open_store(train + val, PRE.resize_size, root / "cache")
 
 
-def run_fit(loaders_data, epochs=4, precision="fp32", workers=0, scheduler="none", seed=0, resume_path=None):
+def run_fit(loaders_data, epochs=4, precision="fp32", workers=0, scheduler="none", seed=0, resume_path=None,
+            lr=0.05, patience=0):
     seed_everything(seed)
     hw = pick_hardware("cpu", precision, "auto", workers)
     train, val, store = loaders_data
     train_loader = make_loader(ImageDataset(train, CLASSES, build_transform(PRE, True), store), 4, True, seed, workers)
     val_loader = make_loader(ImageDataset(val, CLASSES, build_transform(PRE, False), store), 4, False, seed, workers)
     model = tiny_net()
-    optimizer = make_optimizer(list(model.parameters()), "sgd", 0.05, 0.9, 0.0)
+    optimizer = make_optimizer(list(model.parameters()), "sgd", lr, 0.9, 0.0)
     sched = make_scheduler(optimizer, scheduler, epochs, step_size=1, gamma=0.5)
-    result = fit(model, train_loader, val_loader, optimizer, sched, epochs, hw, resume_path=resume_path)
+    result = fit(model, train_loader, val_loader, optimizer, sched, epochs, hw, resume_path=resume_path,
+                 patience=patience)
     return result, model, val_loader, hw, optimizer
 
 
@@ -292,3 +294,24 @@ def test_peak_gpu_memory_is_reported_where_there_is_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20 if device.index == 1 else 0)
     assert peak_device_memory_mb(torch.device("cuda", 1)) == 3.0
     assert peak_device_memory_mb(torch.device("cpu")) is None
+
+
+def test_patience_stops_a_run_whose_val_stops_improving(loaders_data):
+    """lr 0: val never changes, so after the first epoch no check is better; patience 2 stops the
+    run after epoch 3 of a cap of 8, keeping epoch 1."""
+    stopped, *_ = run_fit(loaders_data, epochs=8, lr=0.0, patience=2)
+    assert [r["epoch"] for r in stopped.history] == [1, 2, 3] and stopped.stopped_early and stopped.best_epoch == 1
+    learning, *_ = run_fit(loaders_data, epochs=3, patience=2)
+    assert len(learning.history) == 3 and not learning.stopped_early
+
+
+def test_a_run_resumed_before_its_early_stop_stops_where_an_uninterrupted_one_does(loaders_data, tmp_path):
+    uninterrupted, *_ = run_fit(loaders_data, epochs=8, lr=0.0, patience=2)
+    resume = tmp_path / "resume.pt"
+    run_fit(loaders_data, epochs=2, lr=0.0, patience=2, resume_path=resume)  # "killed" after 2
+    torch.manual_seed(123)
+    resumed, *_ = run_fit(loaders_data, epochs=8, lr=0.0, patience=2, resume_path=resume)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3] and resumed.stopped_early
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in uninterrupted.history]
+    again, *_ = run_fit(loaders_data, epochs=8, lr=0.0, patience=2, resume_path=resume)  # stopped, not yet written
+    assert [r["epoch"] for r in again.history] == [1, 2, 3] and again.stopped_early

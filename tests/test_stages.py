@@ -110,6 +110,27 @@ def test_documented_per_mode_overrides_work_as_written(finished):
     run(["dvc", "checkout", "-q"], project, env)
 
 
+def test_lr_find_and_patience_through_dvc_exp_run(finished):
+    """`-S scratch.lr=find`: the range test picks scratch's lr, the report and a figure show the
+    sweep, and a run that changes only the cap reads the sweep back; patience stops early."""
+    project, env, _ = finished
+    out = run(["dvc", "exp", "run", "-S", "scratch.lr=find", "-S", "scratch.epochs=1"], project, env).stdout
+    assert "lr range test: lr " in out and "Stage 'train-finetune' didn't change, skipping" in out
+    report = json.loads((project / "reports/train/scratch.json").read_text())
+    found = report["lr_find"]
+    assert found["suggestion"] > 0 and not found["cached"] and len(found["lrs"]) == len(found["smoothed"])
+    assert (project / "logs/scratch/lr_find.png").read_bytes()[:4] == b"\x89PNG"
+    again = run(["dvc", "exp", "run", "-S", "scratch.lr=find", "-S", "scratch.epochs=3", "-S", "scratch.patience=1"],
+                project, env).stdout
+    report = json.loads((project / "reports/train/scratch.json").read_text())
+    assert report["lr_find"]["cached"] and report["lr_find"]["suggestion"] == found["suggestion"]
+    assert "; cached)" in again and report["epochs"] <= 3
+    assert report["stopped_early"] == (report["epochs"] < 3)
+    restore_params(project)
+    git(project, "checkout", "--", ".")
+    run(["dvc", "checkout", "-q"], project, env)
+
+
 @pytest.mark.parametrize("stage, args, missing, maker", [
     ("split", [], "data/raw", "fetch"),
     ("train", ["finetune"], "data/split/train.csv", "split"),

@@ -23,6 +23,7 @@ from transferlab.distributed import SINGLE, World, whole_batch_sizes
 from transferlab.errors import UserError, warn
 from transferlab.files import load_checkpoint, save_checkpoint
 from transferlab.hardware import Hardware
+from transferlab.recipes import EarlyStopping
 
 
 def peak_rss_mb() -> float:
@@ -229,6 +230,7 @@ class FitResult:
     best_epoch: int = 0                 # 1-based; 0 before the first epoch
     best_val: EpochStats | None = None
     history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False         # the stopping rule ended it before its cap of epochs
 
     def after(self, earlier: list[dict]) -> None:
         """Put epochs of an earlier phase (the head alone) before these, numbering on from them."""
@@ -247,8 +249,12 @@ class FitResult:
 def fit(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optimizer, scheduler,
         epochs: int, hw: Hardware, aux_loss_weight: float = 0.4,
         on_epoch: Callable[[dict], None] = lambda record: None, resume_path: str | Path | None = None,
-        world: World = SINGLE, saved: dict | None = None) -> FitResult:
-    """Train for `epochs`, keeping the weights of the epoch with the best val accuracy (then loss).
+        world: World = SINGLE, saved: dict | None = None, patience: int = 0) -> FitResult:
+    """Train for `epochs`, keeping the weights of the epoch with the best val accuracy (then loss);
+    with `patience`, stop once that many validation checks in a row found none better
+    (recipes.EarlyStopping): `epochs` is then the cap. A schedule planned over `epochs` (step,
+    cosine, onecycle) is cut where the run stops: its lr never reaches the schedule's end, and the
+    best epoch is what counts.
 
     With `resume_path`, everything needed to continue (weights, optimizer, scheduler, GradScaler,
     every generator: the CPU's, the device's, the loaders'; and the hardware settings trained at)
@@ -265,7 +271,7 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optim
     scaler = hw.grad_scaler()
     stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     generators = loader_generators(train_loader) + loader_generators(val_loader)
-    result = FitResult()
+    result, stopping = FitResult(), EarlyStopping(patience)
     if saved is None:
         saved = load_resume(resume_path, world)
     if saved is not None:
@@ -274,9 +280,13 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optim
             print(f"resuming after epoch {result.history[-1]['epoch']} from {resume_path}", flush=True)
         for record in result.history:
             on_epoch(record)
+            # The stopping rule's state follows from the epochs' val alone: replayed, not saved.
+            result.stopped_early = stopping.should_stop(record["val_acc"], record["val_loss"])
     world.check_batchnorm(model, hw.device, max(whole_batch_sizes(train_loader), default=0))
     trained = world.wrap(model, hw.device)  # after the resume: every process starts from the same state
     for epoch in range(len(result.history) + 1, epochs + 1):
+        if result.stopped_early:  # a run that had stopped, resumed before its outputs were written
+            break
         per_batch = steps_per_batch(scheduler)
         train = train_one_epoch(trained, train_loader, optimizer, hw, scaler, aux_loss_weight,
                                 desc=f"epoch {epoch}/{epochs} train", batch_scheduler=scheduler if per_batch else None,
@@ -292,6 +302,7 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optim
                   "peak_rss_mb": peak_rss_mb()}
         result.history.append(record)
         result.consider(epoch, val, model)
+        result.stopped_early = stopping.should_stop(val.accuracy, val.loss)
         rng = world.gather(rng_state(generators, hw.device))  # each process's own draws, for an exact resume
         if resume_path is not None and world.main:
             save_resume(resume_path, result, stateful, rng, hw)
@@ -299,6 +310,9 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optim
             print(f"epoch {epoch}/{epochs}: train loss {train.loss:.4f} acc {train.accuracy:.4f} | "
                   f"val loss {val.loss:.4f} acc {val.accuracy:.4f} | {train.images_per_second:.1f} img/s",
                   flush=True)
+            if result.stopped_early:
+                print(f"stopped early: no better val in {patience} epochs; the best is epoch {result.best_epoch}",
+                      flush=True)
         on_epoch(record)
     return result
 

@@ -168,6 +168,21 @@ def plot_leaderboard(rows: list[dict], front: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
+def plot_lr_find(found: dict, path: Path, title: str) -> None:
+    """The lr range test as a person checks it: the loss against the lr (log scale), raw and
+    smoothed, and the pick."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(found["lrs"], found["losses"], color="0.75", label="loss per step")
+    ax.plot(found["lrs"], found["smoothed"], color="black", label="smoothed")
+    ax.axvline(found["suggestion"], color="tab:red", linestyle="--",
+               label=f"pick: {found['suggestion']:.3g} ({found['rule']})")
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate (log scale)", ylabel="training loss", title=f"lr range test: {title}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, Path(path))
+
+
 def plot_predictions(predictions: list, path: str | Path, title: str, columns: int = 4) -> None:
     """Images with their predicted class and confidence, as the tutorial's visualize_model shows them."""
     shown = predictions[:32]

@@ -154,7 +154,7 @@ class Noise:
             counts = measured = [np.maximum(seeds, k) for k in self.seeds]
         parts = [(v / k, (m - 1) * unit) for v, k, m, unit in zip(self.per_seed, counts, measured, scale)]
         if self.borrowed:  # both terms are one estimate: its degrees of freedom are the lender's, once
-            return [(parts[0][0] + parts[1][0], max(parts[0][1], parts[1][1]))]
+            return [(parts[0][0] + parts[1][0], np.maximum(parts[0][1], parts[1][1]))]
         return parts
 
     def variance(self, seeds=None, floor: bool = True):

@@ -62,7 +62,7 @@ class TrainParams:
     epochs: int
     batch_size: int
     optimizer: Literal["sgd", "adam", "adamw"]
-    lr: float
+    lr: Union[float, Literal["find"]]  # find: the lr range test picks it, per mode (lr_finder.py)
     momentum: float
     weight_decay: float
     scheduler: Literal["none", "step", "cosine", "onecycle"]
@@ -87,12 +87,17 @@ class TrainParams:
     cache_features: bool
     feature_views: int
     resume: bool
+    patience: int = 0  # validation checks without a better one that end a run (epochs: the cap); 0: never
 
     def check(self, key: str) -> None:
         for name in ("epochs", "batch_size", "step_size", "feature_views"):
             value = getattr(self, name)
             _require(value > 0, f"{key}.{name}", f"is {value}; it must be greater than 0")
-        _require(self.lr > 0, f"{key}.lr", f"is {self.lr}; it must be greater than 0")
+        _require(self.lr == "find" or self.lr > 0, f"{key}.lr", f"is {self.lr}; it must be greater than 0, or find")
+        _require(self.patience >= 0, f"{key}.patience", f"is {self.patience}; use 0 (never stop early) or more")
+        _require(not (self.lr == "find" and self.head_epochs), f"{key}.lr",
+                 "is find, which picks the lr of the whole network's training; with head_epochs the head's own "
+                 "phase needs a number: give lr, or set head_epochs: 0")
         for name in ("momentum", "weight_decay", "aux_loss_weight"):
             value = getattr(self, name)
             _require(value >= 0, f"{key}.{name}", f"is {value}; it must be 0 or more")

@@ -20,16 +20,20 @@ from transferlab.engine import (
     fit,
     fused_optimizer,
     load_resume,
+    loader_generators,
     make_optimizer,
     make_scheduler,
     peak_device_memory_mb,
     peak_rss_mb,
     seed_everything,
+    set_train_mode,
+    split_outputs,
 )
 from transferlab.errors import warn
 from transferlab.features import feature_loaders
 from transferlab.hardware import DTYPES, Hardware, Workload, decide, pick_hardware, warm_up
-from transferlab.images import Sample
+from transferlab.images import Sample, samples_digest
+from transferlab.lr_finder import cached_range_test, range_test
 from transferlab.models import (
     BuiltModel,
     HeadSpec,
@@ -39,7 +43,7 @@ from transferlab.models import (
     parameter_groups,
     trainable_parameters,
 )
-from transferlab.params import TrainParams
+from transferlab.params import TrainParams, to_dict
 
 
 def train_hardware(train: TrainParams) -> Hardware:
@@ -165,6 +169,7 @@ class Trained:
     result: FitResult
     steps_per_epoch: int
     resume_path: Path | None  # the caller removes it once its outputs are written
+    lr_find: dict | None = None  # the range test's sweep and pick, where train.lr is find
 
 
 def train_mode(model_name: str, mode: str, train: TrainParams, seed: int, classes: list[str],
@@ -192,13 +197,52 @@ def train_mode(model_name: str, mode: str, train: TrainParams, seed: int, classe
     hw = hw if saved is None else as_saved(hw, saved["hardware"])
     hw, model, train_loader, val_loader = prepare(built, classes, samples, train, hw, seed, source, cache_dir, world,
                                                   subset)
+    found = None
+    if train.lr == "find":  # Smith's range test on this mode's own start, before training
+        identity = [built.arch, weights, mode, to_dict(replace(train, lr=1.0, epochs=1, patience=0)), seed,
+                    samples_digest(trained_samples(samples, subset)), world.size]
+        found = find_lr(model, built, train, hw, train_loader, cache_dir, identity)
+        train = replace(train, lr=found["suggestion"])
+        if world.main:
+            print(f"lr range test: lr {train.lr:.3g} ({found['rule']}{'; cached' if found['cached'] else ''})",
+                  flush=True)
     optimizer, scheduler = optimizer_and_scheduler(model, built, train, len(train_loader), hw)
     result = fit(model, train_loader, val_loader, optimizer, scheduler, train.epochs, hw, train.aux_loss_weight,
-                 resume_path=resume_path, world=world, saved=saved)
+                 resume_path=resume_path, world=world, saved=saved, patience=train.patience)
     result.after(head_history)
     if world.main:
         model.load_state_dict(result.best_state)  # `model` may be the head alone: it lives in built.model
-    return Trained(built, model, source, hw, result, len(train_loader), resume_path)
+    return Trained(built, model, source, hw, result, len(train_loader), resume_path, found)
+
+
+def trained_samples(samples: dict[str, list[Sample]], subset: Subset | None) -> list[Sample]:
+    return samples["train"] if subset is None else [samples["train"][i] for i in subset.rows]
+
+
+def find_lr(model: nn.Module, built: BuiltModel, train: TrainParams, hw: Hardware, loader, cache_dir: Path,
+            identity: list) -> dict:
+    """The lr range test (lr_finder.py) on `model` as training will start it, on the training
+    loader's batches; the loader's generators are put back afterwards, so training draws what it
+    would have drawn. Cached under `identity`."""
+    def run() -> dict:
+        hw.prepare(model)
+        set_train_mode(model)
+        generators = loader_generators(loader)
+        states = [g.get_state() for g in generators]
+        criterion = nn.CrossEntropyLoss()
+
+        def loss_of(net: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            with hw.autocast():
+                logits, _ = split_outputs(net(hw.to_device(images)))
+                return criterion(logits.float(), targets.to(hw.device))
+        try:
+            return range_test(model, lambda: loader,
+                              lambda lr: optimizer_and_scheduler(model, built, replace(train, lr=lr), 1, hw)[0],
+                              loss_of)
+        finally:
+            for generator, state in zip(generators, states):
+                generator.set_state(state)
+    return cached_range_test(cache_dir, identity, run)
 
 
 def as_saved(hw: Hardware, settings: dict) -> Hardware:
@@ -245,7 +289,8 @@ def summary(result: FitResult, built: BuiltModel, model: nn.Module, hw: Hardware
         "best_epoch": result.best_epoch,
         "best_val_accuracy": result.best_val.accuracy,
         "best_val_loss": result.best_val.loss,
-        "epochs": len(history),
+        "epochs": len(history),  # those it trained: the cap, or fewer where patience stopped it
+        "stopped_early": result.stopped_early,
         "wall_seconds": wall_seconds,
         "seconds_per_epoch": sum(r["train_seconds"] + r["val_seconds"] for r in history) / len(history),
         "train_images_per_s": images / train_seconds,

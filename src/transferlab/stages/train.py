@@ -86,6 +86,8 @@ def run(mode: str, world: World) -> None:
     built, model, result, resume_path = trained.built, trained.model, trained.result, trained.resume_path
     details = summary(result, built, model, trained.hw, time.perf_counter() - start, trained.steps_per_epoch,
                       world.size)
+    if trained.lr_find is not None:
+        details["lr_find"] = trained.lr_find  # the sweep, its rule and its pick
     with replaced_together(*outputs(mode)) as (checkpoint, logs, metrics, report):  # all four or none
         save_checkpoint(checkpoint, {
             **describe(built), "format": 1, "mode": mode, "model": params.model, "classes": classes,
@@ -94,6 +96,10 @@ def run(mode: str, world: World) -> None:
             "params": {"seed": params.seed, "weights": params.weights, "train": to_dict(train)},
             "weights_id": built.weights_id, "versions": versions()})
         write_logs(logs, result.history)
+        if trained.lr_find is not None:
+            from transferlab.figures import plot_lr_find  # matplotlib: only where there is a sweep to draw
+
+            plot_lr_find(trained.lr_find, logs / "lr_find.png", f"{params.model} {mode}")
         write_json(metrics, headline(details))
         write_json(report, details)
     if resume_path is not None:
