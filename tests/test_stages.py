@@ -110,10 +110,11 @@ def test_documented_per_mode_overrides_work_as_written(finished):
     run(["dvc", "checkout", "-q"], project, env)
 
 
-def test_lr_find_and_patience_through_dvc_exp_run(finished):
+def test_lr_find_and_patience_through_dvc_exp_run(finished_project, tmp_path):
     """`-S scratch.lr=find`: the range test picks scratch's lr, the report and a figure show the
     sweep, and a run that changes only the cap reads the sweep back; patience stops early."""
-    project, env, _ = finished
+    project, env = copy_finished(finished_project, tmp_path / "project")  # its own: it leaves a figure
+    env["TRANSFERLAB_CACHE_DIR"] = str(tmp_path / "cache")  # and a sweep no other test should read
     out = run(["dvc", "exp", "run", "-S", "scratch.lr=find", "-S", "scratch.epochs=1"], project, env).stdout
     assert "lr range test: lr " in out and "Stage 'train-finetune' didn't change, skipping" in out
     report = json.loads((project / "reports/train/scratch.json").read_text())
@@ -126,9 +127,6 @@ def test_lr_find_and_patience_through_dvc_exp_run(finished):
     assert report["lr_find"]["cached"] and report["lr_find"]["suggestion"] == found["suggestion"]
     assert "; cached)" in again and report["epochs"] <= 3
     assert report["stopped_early"] == (report["epochs"] < 3)
-    restore_params(project)
-    git(project, "checkout", "--", ".")
-    run(["dvc", "checkout", "-q"], project, env)
 
 
 @pytest.mark.parametrize("stage, args, missing, maker", [
