@@ -150,8 +150,7 @@ class Workload:
         for images, batch, train in self._phases():
             for size in {min(batch, images), images % batch} - {0}:
                 for r in range(self.processes) if rank is None else [rank]:
-                    share = World(r, self.processes).shard(size)
-                    found |= {(share.stop - share.start, train)} - {(0, train)}
+                    found |= {(World(r, self.processes).share_size(size), train)} - {(0, train)}
         return sorted(found, key=lambda shape: (not shape[1], -shape[0]))
 
     def timed_phases(self) -> list[tuple[float, int, bool]]:
@@ -159,9 +158,9 @@ class Workload:
         images, at its share of a full batch."""
         phases = []
         for images, batch, train in self._phases():
-            share = World(0, self.processes).shard(min(batch, images))
-            if share.stop > share.start:
-                phases.append((images / self.processes, share.stop - share.start, train))
+            share = World(0, self.processes).share_size(min(batch, images))
+            if share:
+                phases.append((images / self.processes, share, train))
         return phases
 
 
@@ -246,12 +245,14 @@ def candidate_settings(hw: Hardware, auto: list[str]) -> dict[str, dict]:
 # A candidate other than the simplest must be faster than it by more than this, in significantly
 # many rounds: a smaller gain is not worth a less precise or less common setting.
 MIN_MARGIN = 0.05
-# The rounds: at least MIN_ROUNDS (a one-sided sign test at 5% needs 8 wins of 9 to decide), more
+# The rounds: at least MIN_ROUNDS (a one-sided sign test at 1% needs 11 wins of 12 to decide), more
 # while they fit in ROUNDS_SECONDS, up to MAX_ROUNDS. A timed sample repeats a step until it takes
 # SAMPLE_SECONDS (timeit's autorange): a step of a tenth of a millisecond is mostly timer and
 # scheduler noise on its own.
-MIN_ROUNDS, MAX_ROUNDS, ROUNDS_SECONDS, SAMPLE_SECONDS = 9, 40, 3.0, 0.005
-SIGN_TEST_ALPHA = 0.05
+MIN_ROUNDS, MAX_ROUNDS, ROUNDS_SECONDS, SAMPLE_SECONDS = 12, 40, 3.0, 0.005
+# 1%, not 5%: on a loaded machine a round's noise can dwarf the margin, and a test at 5% would then
+# crown an equal candidate in one decision of twenty.
+SIGN_TEST_ALPHA = 0.01
 # The warm-up's boxes: a candidate's first calls of every shape (cuDNN's autotuning, kernel
 # builds: seconds, for some layouts and dtypes more than the fastest candidate's) within
 # FIRST_CALLS_SECONDS; its warm calls within twice the fastest candidate's, plus STALL_SECONDS.
@@ -277,20 +278,30 @@ def time_candidates(hw: Hardware, candidates: dict[str, dict],
             continue
         steppers[name] = step
         fastest = outcome if fastest is None or sum(outcome) < sum(fastest) else fastest
+    # Every candidate repeats each step as often as the fastest needs: the same number of steps per
+    # sample, so that what a switch between candidates costs weighs on all of them alike.
+    shared = {phase: max(step.repeats[phase] for step in steppers.values()) for phase in
+              next(iter(steppers.values())).repeats} if steppers else {}
+    for step in steppers.values():
+        step.repeats = dict(shared)
     samples = run_rounds(steppers)
     return {name: samples.get(name) for name in candidates}, dropped
 
 
 def run_rounds(steppers: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
-    """Each stepper's timings, one per round, the order of each round shuffled (seeded: the same
-    orders on every run)."""
+    """Each stepper's timings, one per round: the order of each round shuffled, and every second
+    round the reverse of the one before, so that each candidate takes every place in a round
+    equally often (seeded: the same orders on every run)."""
     samples = {name: [] for name in steppers}
     order, shuffle = list(steppers), random.Random(0).shuffle
     start = time.perf_counter()
     for rounds in range(MAX_ROUNDS if steppers else 0):
         if rounds >= MIN_ROUNDS and time.perf_counter() - start > ROUNDS_SECONDS:
             break
-        shuffle(order)
+        if rounds % 2:
+            order.reverse()
+        else:
+            shuffle(order)
         for name in order:
             samples[name].append(steppers[name]())
     return samples
@@ -352,19 +363,33 @@ def _warm_up(hw: Hardware, settings: dict, work: Workload, model: nn.Module,
         warn(f"hardware candidate {settings} failed on {hw.device}: {reason}")
         return None, f"failed: {reason}"
     seconds = dict(zip(shapes, warm))
-    phases = [(images, size, train, min(100, max(1, math.ceil(SAMPLE_SECONDS / max(seconds[size, train], 1e-6)))))
-              for images, size, train in work.timed_phases()]
+    repeats = {(size, train): min(100, max(1, math.ceil(SAMPLE_SECONDS / max(seconds[size, train], 1e-6))))
+               for _, size, train in work.timed_phases()}
+    return RoundTimer(trial, step, model, work, repeats), warm
 
-    def one_round() -> float:
-        trial.prepare(model)  # the candidates share the model: its layout, switched outside the timing
-        cost = 0.0
-        for images, size, train, repeats in phases:
+
+@dataclass
+class RoundTimer:
+    """Times one round of a candidate: seconds per epoch-weighted image, each phase at full batch,
+    its step repeated `repeats[(size, train)]` times (time_candidates makes them the same for every
+    candidate)."""
+    trial: Hardware
+    step: Callable[[int, bool, int], None]
+    model: nn.Module
+    work: Workload
+    repeats: dict
+
+    def __call__(self) -> float:
+        self.trial.prepare(self.model)  # the candidates share the model: its layout, switched outside the timing
+        cost, images_in_all = 0.0, 0.0
+        for images, size, train in self.work.timed_phases():
+            repeats = self.repeats[size, train]
             t0 = time.perf_counter()
             for _ in range(repeats):
-                step(size, train, work.crop_size)
+                self.step(size, train, self.work.crop_size)
             cost += images * (time.perf_counter() - t0) / (repeats * size)
-        return cost / sum(images for images, *_ in phases)
-    return one_round, warm
+            images_in_all += images
+        return cost / images_in_all
 
 
 def _seconds(step: Callable[[int, bool, int], None], size: int, train: bool, crop: int) -> float:
