@@ -68,8 +68,7 @@ def size_tests(points: list[dict], rows: list[dict], better: str, than: str) -> 
     sizes = {(row["x"], row["images_per_class"]) for row in rows if row["mode"] == better} \
         & {(row["x"], row["images_per_class"]) for row in rows if row["mode"] == than}
     sizes = sorted(sizes, key=lambda pair: pair[0])
-    pairs = [tuple(right_matrix([p for p in points if p["mode"] == mode and p["images_per_class"] == size])
-                   for mode in (better, than)) for _, size in sizes]
+    pairs = [(right_at(points, better, size), right_at(points, than, size)) for _, size in sizes]
     return [{"x": x, "images_per_class": size, **test} for (x, size), test in zip(sizes, judge(pairs))]
 
 

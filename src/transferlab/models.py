@@ -9,10 +9,10 @@ per-model table; timm's models say where theirs is.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
 import urllib.error
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -290,11 +290,9 @@ def torchvision_weights(arch: str, weights: str = "default"):
 def file_identity(path: str) -> str:
     """A local weights file's name and content digest: what the embedding cache is keyed by, so a
     file replaced in place (or another one of the same name) is not taken for the one cached."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return f"{os.path.basename(path)}@{digest.hexdigest()[:16]}"
+    from transferlab.fetching import file_sha256
+
+    return f"{os.path.basename(path)}@{file_sha256(Path(path))[:16]}"
 
 
 def _torchvision(arch: str, pretrained: bool, weights: str = "default") -> tuple[nn.Module, str]:

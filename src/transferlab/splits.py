@@ -10,7 +10,7 @@ from sklearn.model_selection import train_test_split
 from transferlab.errors import UserError
 from transferlab.images import Sample, file_digest, is_image_file, load_image
 from transferlab.near_duplicates import near_copies
-from transferlab.subsets import per_class_subset
+from transferlab.subsets import per_class_subset, sorted_by_path
 
 # Decoding at a small scale still reads every byte of the file, so truncation is caught, cheaply.
 _CHECK_SIDE = 64
@@ -88,7 +88,7 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int, name: st
     except ValueError as err:
         raise SplitError(f"cannot split off {fraction:.0%} as a {name} set stratified by class: {err}; "
                          f"change split.{name}_fraction in params.yaml or add images") from None
-    return _sorted(rest), _sorted(part)
+    return sorted_by_path(rest), sorted_by_path(part)
 
 
 def make_splits(raw: Path, val_fraction: float, test_fraction: float, seed: int, test_seed: int = 0,
@@ -134,7 +134,7 @@ def make_splits(raw: Path, val_fraction: float, test_fraction: float, seed: int,
         train, val, moved = move_near_copies(train, val, near_distance, cache_dir)
         near["pairs"] += [{**row, "action": "moved from val to train"} for row in moved]
     train, subset = per_class_subset(train, train_per_class, seed)
-    splits = {"train": train, "val": val, "test": _sorted(test)}
+    splits = {"train": train, "val": val, "test": sorted_by_path(test)}
     report = {
         "layout": layout,
         "classes": classes,
@@ -162,7 +162,7 @@ def move_near_copies(train: list[Sample], val: list[Sample], distance: int,
     the image, in train by then, that it copies)."""
     found = near_copies(val, train, distance, cache_dir, chained=True)
     moving = {row["path"] for row in found}
-    return (_sorted(train + [s for s in val if s.path in moving]), [s for s in val if s.path not in moving],
+    return (sorted_by_path(train + [s for s in val if s.path in moving]), [s for s in val if s.path not in moving],
             found)
 
 
@@ -185,5 +185,3 @@ def _counts(rows: list[Sample], classes: list[str]) -> dict[str, int]:
     return {name: counts[name] for name in classes}
 
 
-def _sorted(rows: list[Sample]) -> list[Sample]:
-    return sorted(rows, key=lambda s: s.path)

@@ -55,11 +55,16 @@ def train_hardware(train: TrainParams) -> Hardware:
 def optimizer_and_scheduler(model: nn.Module, built: BuiltModel, train: TrainParams, steps_per_epoch: int,
                             hw: Hardware):
     """The optimizer over `model`'s trainable weights (the backbone's at its own lr) and its schedule."""
-    optimizer = make_optimizer(parameter_groups(model, built, train.lr, train.backbone_lr_factor), train.optimizer,
-                               train.lr, train.momentum, train.weight_decay, fused_optimizer(hw.device))
+    optimizer = training_optimizer(model, built, train, hw)
     scheduler = make_scheduler(optimizer, train.scheduler, train.epochs, train.step_size, train.gamma,
                                train.warmup_epochs, steps_per_epoch)
     return optimizer, scheduler
+
+
+def training_optimizer(model: nn.Module, built: BuiltModel, train: TrainParams, hw: Hardware):
+    """The optimizer over `model`'s trainable weights, the backbone's at its own lr, unscheduled."""
+    return make_optimizer(parameter_groups(model, built, train.lr, train.backbone_lr_factor), train.optimizer,
+                          train.lr, train.momentum, train.weight_decay, fused_optimizer(hw.device))
 
 
 def head_spec(train: TrainParams) -> HeadSpec:
@@ -99,7 +104,7 @@ def prepare(built: BuiltModel, classes: list[str], samples: dict[str, list[Sampl
     """
     pre, views = built.preprocess, train.feature_views
     head_only = train.cache_features and not backbone_trains(built)
-    trained_on = samples["train"] if subset is None else [samples["train"][i] for i in subset.rows]
+    trained_on = trained_samples(samples, subset)
     # The batches every process meets (Workload gives each rank its shares, as World.shard cuts
     # them). A curve's points decide on the whole training set's shapes, whatever their subset's
     # size: one decision, the same settings at every size (a smaller subset's tail batch is not
@@ -201,7 +206,9 @@ def train_mode(model_name: str, mode: str, train: TrainParams, seed: int, classe
     if train.lr == "find":  # Smith's range test on this mode's own start, before training
         identity = [built.arch, weights, mode, to_dict(replace(train, lr=1.0, epochs=1, patience=0)), seed,
                     samples_digest(trained_samples(samples, subset)), world.size]
-        found = find_lr(model, built, train, hw, train_loader, cache_dir, identity)
+        # Rank 0 sweeps for all (on its share of the batches): every process trains at one lr.
+        found = world.broadcast(find_lr(model, built, train, hw, train_loader, cache_dir, identity)
+                                if world.main else None)
         train = replace(train, lr=found["suggestion"])
         if world.main:
             print(f"lr range test: lr {train.lr:.3g} ({found['rule']}{'; cached' if found['cached'] else ''})",
@@ -216,6 +223,7 @@ def train_mode(model_name: str, mode: str, train: TrainParams, seed: int, classe
 
 
 def trained_samples(samples: dict[str, list[Sample]], subset: Subset | None) -> list[Sample]:
+    """The images an epoch trains on: all of train, or a curve point's rows of it (repeats kept)."""
     return samples["train"] if subset is None else [samples["train"][i] for i in subset.rows]
 
 
@@ -236,9 +244,9 @@ def find_lr(model: nn.Module, built: BuiltModel, train: TrainParams, hw: Hardwar
                 logits, _ = split_outputs(net(hw.to_device(images)))
                 return criterion(logits.float(), targets.to(hw.device))
         try:
+            # The optimizer alone: a schedule (onecycle, a warm-up) would rescale the lrs swept.
             return range_test(model, lambda: loader,
-                              lambda lr: optimizer_and_scheduler(model, built, replace(train, lr=lr), 1, hw)[0],
-                              loss_of)
+                              lambda lr: training_optimizer(model, built, replace(train, lr=lr), hw), loss_of)
         finally:
             for generator, state in zip(generators, states):
                 generator.set_state(state)
