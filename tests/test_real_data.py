@@ -15,7 +15,11 @@ from conftest import ROOT, copy_project, pipeline_env, run
 from transferlab.fetching import MIRROR_ENV
 
 ARCHIVE = Path(os.environ.get("TRANSFERLAB_HYMENOPTERA", ROOT.parent / "shared/data/hymenoptera_data.zip"))
-EPOCHS = 3  # finetune and extract 0.922 on this test split here (0.928 and 0.935 after 5)
+EPOCHS = 3
+# 153 test images: an accuracy's 95% interval is about 10 points wide, and which kernels a CPU has
+# (AVX2, AVX-512, AMX) moves 3-epoch finetune between 0.889 and 0.935. The test asserts what holds
+# on every one: the interval lies above this, and both transfer modes beat scratch (McNemar).
+LOWEST_CI_LOW = 0.80
 
 
 @pytest.mark.slow
@@ -30,7 +34,7 @@ def test_transfer_learning_pays_off_on_hymenoptera(tmp_path):
     params["model"] = "efficientnet_lite0"
     params["train"]["epochs"] = EPOCHS
     # Not a test of `auto` (tests/test_hardware.py is): fp32 in the layout auto picks on the CPUs measured so far.
-    params["train"].update(precision="fp32", channels_last=True)
+    params["train"].update(precision="fp32", channels_last=True, tensor_batches=True)
     params["scratch"]["epochs"] = 1  # random weights learn nothing here in 5 epochs either (the README's table)
     official = params["data"]["url"]
     if ARCHIVE.name != official.rsplit("/", 1)[-1]:
@@ -47,8 +51,9 @@ def test_transfer_learning_pays_off_on_hymenoptera(tmp_path):
     evaluation = json.loads((project / "metrics/eval.json").read_text())
     accuracy = {mode: evaluation[mode]["accuracy"] for mode in ("finetune", "extract", "scratch")}
     print("test accuracy:", accuracy)
-    assert accuracy["finetune"] >= 0.90 and accuracy["extract"] >= 0.90
-    assert accuracy["finetune"] - accuracy["scratch"] >= 0.15
-    assert accuracy["extract"] - accuracy["scratch"] >= 0.15
+    for mode in ("finetune", "extract"):
+        assert evaluation[mode]["accuracy_ci95_low"] >= LOWEST_CI_LOW, (mode, evaluation[mode])
+        assert accuracy[mode] - accuracy["scratch"] >= 0.15
     details = json.loads((project / "reports/eval.json").read_text())
-    assert details["finetune_vs_scratch"]["significant"]
+    assert details["finetune_vs_scratch"]["mcnemar_p"] < 0.01
+    assert details["extract_vs_scratch"]["mcnemar_p"] < 0.01
