@@ -16,6 +16,7 @@ from transferlab.data import (
     crop_boxes,
     make_loader,
 )
+from transferlab.distributed import World
 from transferlab.errors import UserError
 from transferlab.images import Sample
 from transferlab.models import Preprocess
@@ -137,3 +138,53 @@ def test_batched_evaluation_resizes_and_centre_crops_as_the_one_by_one_path(data
     for (ours, _), (theirs, _) in zip(batched, one_by_one, strict=True):
         tolerance = 0 if resize_size == 40 else 1e-4 / (255 * min(PRE.std))
         assert (ours - theirs).abs().max() <= tolerance
+
+
+def epoch_images(loader) -> list[torch.Tensor]:
+    return [images for images, _ in loader]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("augment", ["trivialaugment", "randaugment"])
+def test_tensor_batches_augment_training_images_reproducibly_and_resume_replays_them(data, augment, batched):
+    samples, store = data
+    images = DeviceImages(store, torch.device("cpu"))
+
+    def batches(name, world=World(), train=True):
+        return TensorBatches(images, samples, ["a", "b"], PRE, 4, train=train, seed=5, world=world, batched=batched,
+                             augment=name)
+    plain, strong = epoch_images(batches("none")), epoch_images(batches(augment))
+    assert [b.shape for b in strong] == [b.shape for b in plain] and not same(strong, plain)
+    assert same(epoch_images(batches(augment)), strong)  # seeded from the loader's seed
+    evaluated = epoch_images(batches(augment, train=False))
+    assert same(evaluated, epoch_images(batches("none", train=False)))  # evaluation is never augmented
+    # Two processes each augment their share of the batch a single process augments.
+    shares = [epoch_images(batches(augment, World(rank, 2))) for rank in (0, 1)]
+    assert same([torch.cat(pair) for pair in zip(*shares)], strong)
+    # The seeds come from the loader's generator, which resume restores.
+    loader = batches(augment)
+    state = loader.generator.get_state()
+    second = epoch_images(loader)
+    loader.generator.set_state(state)
+    assert same(epoch_images(loader), second)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_pil_path_augments_training_images_seeded_by_the_loader(data, workers):
+    samples, store = data
+
+    def loader(name, train=True):
+        dataset = ImageDataset(samples, ["a", "b"], build_transform(PRE, train, name), store)
+        return make_loader(dataset, 4, train, seed=5, workers=workers)
+    torch.manual_seed(0)
+    plain = epoch_images(loader("none"))
+    torch.manual_seed(0)
+    state, strong = torch.get_rng_state(), epoch_images(loader("trivialaugment"))
+    assert [b.shape for b in strong] == [b.shape for b in plain] and not same(strong, plain)
+    torch.set_rng_state(state)  # without workers, torch's generator draws: resume restores it
+    assert same(epoch_images(loader("trivialaugment")), strong)
+    assert same(epoch_images(loader("trivialaugment", train=False)), epoch_images(loader("none", train=False)))

@@ -31,6 +31,7 @@ from transferlab.errors import UserError
 from transferlab.hardware import pick_hardware
 from transferlab.images import Sample
 from transferlab.models import Preprocess
+from transferlab.recipes import BatchMixer, criterion
 from transferlab.store import open_store
 
 PRE = Preprocess(crop_size=24, resize_size=28, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -53,7 +54,8 @@ def loaders_data(tmp_path_factory):
 
 
 def run_fit(loaders_data, epochs=4, precision="fp32", workers=0, scheduler="none", seed=0, resume_path=None,
-            lr=0.05, patience=0):
+            lr=0.05, patience=0, step_hook=None, **recipes):
+    """`recipes`: fit's loss, mixer, ema_decay; `step_hook(optimizer)` after every optimizer step."""
     seed_everything(seed)
     hw = pick_hardware("cpu", precision, "auto", workers)
     train, val, store = loaders_data
@@ -62,8 +64,10 @@ def run_fit(loaders_data, epochs=4, precision="fp32", workers=0, scheduler="none
     model = tiny_net()
     optimizer = make_optimizer(list(model.parameters()), "sgd", lr, 0.9, 0.0)
     sched = make_scheduler(optimizer, scheduler, epochs, step_size=1, gamma=0.5)
+    if step_hook is not None:
+        optimizer.register_step_post_hook(lambda optimizer, args, kwargs: step_hook(model))
     result = fit(model, train_loader, val_loader, optimizer, sched, epochs, hw, resume_path=resume_path,
-                 patience=patience)
+                 patience=patience, **recipes)
     return result, model, val_loader, hw, optimizer
 
 
@@ -315,3 +319,66 @@ def test_a_run_resumed_before_its_early_stop_stops_where_an_uninterrupted_one_do
     assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in uninterrupted.history]
     again, *_ = run_fit(loaders_data, epochs=8, lr=0.0, patience=2, resume_path=resume)  # stopped, not yet written
     assert [r["epoch"] for r in again.history] == [1, 2, 3] and again.stopped_early
+
+
+def same_run(a: FitResult, b: FitResult) -> bool:
+    keys = ("train_loss", "train_acc", "val_loss", "val_acc")
+    return ([[r[k] for k in keys] for r in a.history] == [[r[k] for k in keys] for r in b.history]
+            and all(torch.equal(a.best_state[k], b.best_state[k]) for k in a.best_state))
+
+
+@pytest.mark.parametrize("recipe", [
+    {"loss": criterion(0.2)},
+    {"mixer": BatchMixer(len(CLASSES), mixup_alpha=0.4)},
+    {"mixer": BatchMixer(len(CLASSES), cutmix_alpha=1.0)},
+    {"ema_decay": 0.9},
+], ids=["label_smoothing", "mixup", "cutmix", "ema"])
+def test_each_recipe_changes_training_and_off_is_the_plain_loop(loaders_data, recipe):
+    plain, *_ = run_fit(loaders_data, epochs=2)
+    off, *_ = run_fit(loaders_data, epochs=2, loss=criterion(0.0), mixer=None, ema_decay=0.0)
+    assert same_run(off, plain)  # what a run with every key at its default did before the recipes
+    on, *_ = run_fit(loaders_data, epochs=2, **recipe)
+    assert not same_run(on, plain)
+    if "ema_decay" in recipe:  # the average follows training without changing it
+        assert [r["train_loss"] for r in on.history] == [r["train_loss"] for r in plain.history]
+    again, *_ = run_fit(loaders_data, epochs=2, **recipe)
+    assert same_run(again, on)  # the same seed, the same run
+
+
+def test_mixed_training_counts_accuracy_against_the_hard_targets(loaders_data):
+    result, *_ = run_fit(loaders_data, epochs=3, mixer=BatchMixer(len(CLASSES), mixup_alpha=0.4))
+    assert all(r["train_acc"] in {i / 24 for i in range(25)} for r in result.history)  # hits of 24 images
+    assert result.history[-1]["train_acc"] > 0.5
+
+
+def test_validation_scores_and_the_best_epoch_keeps_the_weights_average(loaders_data):
+    """The average taken by hand over the weights after each step is what the best epoch kept, and
+    the val loss recorded is that of those weights."""
+    steps = []
+    decay = 0.8
+    result, model, val_loader, hw, _ = run_fit(loaders_data, epochs=1, ema_decay=decay,
+                                               step_hook=lambda m: steps.append(
+                                                   {k: v.detach().clone() for k, v in m.state_dict().items()}))
+    assert len(steps) == 6  # 24 images in batches of 4
+    average = dict(steps[0])
+    for weights in steps[1:]:
+        average = {k: v if not v.is_floating_point() else decay * v + (1 - decay) * weights[k]
+                   for k, v in average.items()}
+    floats = [name for name, value in average.items() if value.is_floating_point()]  # BatchNorm's statistics too
+    assert all(torch.allclose(result.best_state[name], average[name], atol=1e-6) for name in floats)
+    assert not all(torch.allclose(result.best_state[name], steps[-1][name]) for name in floats)  # not the last
+    model.load_state_dict(result.best_state)
+    assert predict(model, val_loader, hw).stats.loss == pytest.approx(result.history[0]["val_loss"], abs=1e-9)
+
+
+def test_a_resumed_run_with_the_recipes_ends_where_an_uninterrupted_one_does(loaders_data, tmp_path):
+    """The weights' average is in the resume state; mixing draws from torch's generator, which it keeps."""
+    def recipes():
+        return {"loss": criterion(0.1), "mixer": BatchMixer(len(CLASSES), 0.4, 1.0), "ema_decay": 0.7}
+    uninterrupted, *_ = run_fit(loaders_data, epochs=4, scheduler="step", **recipes())
+    resume = tmp_path / "resume.pt"
+    run_fit(loaders_data, epochs=2, scheduler="step", resume_path=resume, **recipes())  # "killed" after 2
+    assert "ema" in read_resume(resume)["states"]
+    resumed, *_ = run_fit(loaders_data, epochs=4, scheduler="step", resume_path=resume, **recipes())
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
+    assert same_run(resumed, uninterrupted) and resumed.best_epoch == uninterrupted.best_epoch

@@ -222,3 +222,16 @@ def test_an_embedding_cache_that_fits_the_device_is_uploaded_there(samples, tmp_
     monkeypatch.setitem(hardware.FREE_MEMORY, "meta", lambda device: 1000)  # too little: stays mapped
     _, train_loader, _ = loaders(meta)
     assert {t.device.type for batch in train_loader for t in batch} == {"cpu"}
+
+
+def test_augmented_views_are_cached_apart_and_plain_ones_keep_their_key():
+    from dataclasses import replace as change
+
+    from transferlab.features import _cache_key
+    from transferlab.hardware import pick_hardware
+    from transferlab.models import build_model
+
+    built = build_model("squeezenet", 2, pretrained=False)
+    hw = change(pick_hardware("cpu", "fp32", False, 0), tensor_batches=True)
+    keys = {name: _cache_key(built, [], [], 2, 0, hw, 4, name) for name in ("none", "trivialaugment", "randaugment")}
+    assert len(set(keys.values())) == 3 and keys["none"] == _cache_key(built, [], [], 2, 0, hw, 4)

@@ -65,6 +65,16 @@ def test_the_rule_is_a_tenth_of_the_lowest_smoothed_loss_and_stops_at_four_times
     assert found["suggestion"] == found["lrs"][lowest] / 10
 
 
+def test_a_lucky_first_batch_of_a_flat_sweep_is_not_the_pick():
+    lrs = lr_schedule(1e-6, 1.0, 100)
+    losses = [0.3] + [0.7, 0.72] * 40 + [10.0 ** k for k in range(1, 20)]  # flat, one low first loss
+    found = sweep(lambda lr: losses[lrs.index(lr)], lrs)
+    smoothed = found["smoothed"]
+    assert min(range(len(smoothed)), key=smoothed.__getitem__) == 0  # the first batch alone is lowest
+    later = min(range(10, len(smoothed)), key=smoothed.__getitem__)
+    assert found["suggestion"] == lrs[later] / 10
+
+
 def test_an_unchanged_rerun_reads_the_sweep_back(tmp_path):
     runs = []
     def run():

@@ -65,6 +65,11 @@ def test_exponent_without_dot_is_a_float(raw):
     (lambda r: r["split"].update(train_per_class=0), "split.train_per_class", "1 or more"),
     (lambda r: r["split"].update(train_per_class="most"), "split.train_per_class", "all"),
     (lambda r: r["evaluate"].update(precision="fp8"), "evaluate.precision", "fp32"),
+    (lambda r: r["evaluate"].update(tta=["bogus"]), "evaluate.tta", "'bogus' is not a view; valid views: center"),
+    (lambda r: r["evaluate"].update(tta=["center", "hlfip"]), "evaluate.tta", "'hlfip' is not a view; did you mean"),
+    (lambda r: r["evaluate"].update(tta=[]), "evaluate.tta", "is empty; list at least one view (valid views: center"),
+    (lambda r: r["evaluate"].update(tta=["center", "hflip", "center"]), "evaluate.tta", "lists a view twice"),
+    (lambda r: r["evaluate"].update(tta="hflip"), "evaluate.tta", "expected a list"),
     (lambda r: r.pop("seed"), "seed", "missing"),
     (lambda r: r["train"].pop("lr"), "train.lr", "missing"),
     (lambda r: r.pop("extract"), "extract", "section is missing"),
@@ -81,6 +86,14 @@ def test_bad_values_name_the_key(raw, edit, key, words):
     message = str(err.value)
     assert message.startswith(f"{key}:"), message
     assert words in message
+
+
+def test_tta_defaults_to_the_centre_crop_alone(raw):
+    assert parse_params(raw).evaluate.tta == ("center",)  # params.yaml's value
+    del raw["evaluate"]["tta"]
+    assert parse_params(raw).evaluate.tta == ("center",)  # a params.yaml from before the key
+    raw["evaluate"]["tta"] = ["hflip", "center"]
+    assert parse_params(raw).evaluate.tta == ("hflip", "center")
 
 
 def test_any_torchvision_model_and_lite0_are_accepted(raw):
@@ -147,3 +160,37 @@ def test_the_curve_params_load_and_their_mistakes_name_the_key(tmp_path):
             load_curve_params(path)
         assert str(err.value) == f"{path}: {words}"
 
+
+
+def test_regularisation_keys_are_off_by_default_and_usable_in_any_mode(raw):
+    params = parse_params(raw, check_model=False)
+    train = params.train
+    assert (train.label_smoothing, train.mixup_alpha, train.cutmix_alpha, train.augment, train.ema_decay) == \
+        (0.0, 0.0, 0.0, "none", 0.0)
+    raw["scratch"].update(label_smoothing=0.1, mixup_alpha=0.2, cutmix_alpha=1.0, augment="trivialaugment",
+                          ema_decay=0.99)
+    scratch = parse_params(raw, check_model=False).for_mode("scratch")
+    assert (scratch.label_smoothing, scratch.mixup_alpha, scratch.augment, scratch.ema_decay) == \
+        (0.1, 0.2, "trivialaugment", 0.99)
+
+
+@pytest.mark.parametrize("edit, key, words", [
+    (lambda r: r["train"].update(label_smoothing=1.0), "train.label_smoothing", "in [0, 1)"),
+    (lambda r: r["train"].update(mixup_alpha=-0.2), "train.mixup_alpha", "0 (off) or more"),
+    (lambda r: r["finetune"].update(cutmix_alpha=-1), "finetune.cutmix_alpha", "0 (off) or more"),
+    (lambda r: r["train"].update(ema_decay=1.0), "train.ema_decay", "a decay in (0, 1)"),
+    (lambda r: r["train"].update(augment="autoaugment"), "train.augment", "none, trivialaugment, randaugment"),
+    # extract's frozen backbone trains its head on cached embeddings, which cannot be mixed
+    (lambda r: r["train"].update(mixup_alpha=0.2), "extract.mixup_alpha", "set extract.cache_features: false"),
+    (lambda r: r["extract"].update(cutmix_alpha=1.0), "extract.cutmix_alpha", "++extract.cache_features=false"),
+])
+def test_regularisation_mistakes_name_the_key(raw, edit, key, words):
+    edit(raw)
+    with pytest.raises(ParamsError, match=f"^{re.escape(key)}: .*{re.escape(words)}"):
+        parse_params(raw, check_model=False)
+
+
+def test_mixing_trains_extract_once_its_backbone_runs_every_epoch(raw):
+    raw["train"].update(mixup_alpha=0.2, cutmix_alpha=1.0)
+    raw["extract"].update(cache_features=False)
+    assert parse_params(raw, check_model=False).for_mode("extract").mixup_alpha == 0.2

@@ -282,3 +282,35 @@ def test_training_recipes_through_dvc_exp_run_and_compare_ranks_them(finished, t
     restore_params(project)
     git(project, "checkout", "--", ".")
     run(["dvc", "checkout", "-q"], project, env)
+
+
+def test_mixing_cached_embeddings_is_refused_through_dvc_exp_run_and_keeps_every_output(finished):
+    """train.mixup_alpha reaches extract, whose head trains on cached embeddings: refused before any
+    work, naming the mode's key and the fix."""
+    project, env, good = finished
+    result = run(["dvc", "exp", "run", "-S", "train.mixup_alpha=0.2"], project, env, check=False)
+    restore_params(project)
+    assert result.returncode != 0
+    message = result.stderr + result.stdout
+    assert "params.yaml: extract.mixup_alpha: is 0.2, but mixup and cutmix mix images" in message
+    assert "set extract.cache_features: false" in message
+    assert "unchanged, as the last finished run left them: models/" in message
+    assert_nothing_lost(project, good)
+
+
+def test_regularisation_recipes_through_dvc_exp_run(finished):
+    """Every recipe at once, as a user sets them: augmentation for every mode (extract's cached
+    views too), label smoothing and the weights' average; mixup for finetune, cutmix for scratch."""
+    project, env, _ = finished
+    result = run(["dvc", "exp", "run", "-n", "regularised", "-S", "train.augment=trivialaugment",
+                  "-S", "train.label_smoothing=0.1", "-S", "train.ema_decay=0.5", "-S", "++finetune.mixup_alpha=0.2",
+                  "-S", "++scratch.cutmix_alpha=1.0"], project, env)
+    assert "Stage 'train-extract' didn't change" not in result.stdout
+    for mode in MODES:
+        checkpoint = torch.load(project / f"models/{mode}.pt", weights_only=True)
+        assert checkpoint["params"]["train"]["augment"] == "trivialaugment", mode
+    assert torch.load(project / "models/finetune.pt", weights_only=True)["params"]["train"]["mixup_alpha"] == 0.2
+    assert json.loads((project / "reports/train/extract.json").read_text())["features_cached"]
+    restore_params(project)
+    git(project, "checkout", "--", ".")
+    run(["dvc", "checkout", "-q"], project, env)

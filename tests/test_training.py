@@ -83,3 +83,13 @@ def test_a_resumed_run_trains_at_the_settings_the_interrupted_one_decided(sample
     details = summary(resumed.result, resumed.built, resumed.model, resumed.hw, 1.0, resumed.steps_per_epoch)
     assert details["precision"] == "fp32" and details["peak_gpu_memory_mb"] is None  # a CPU: peak_rss_mb says it
     assert details["batchnorm_statistics"] == "over each batch"
+
+
+def test_mixing_is_refused_for_data_of_one_class_with_a_message():
+    from transferlab.errors import UserError
+
+    train = load_params(Path(__file__).resolve().parents[1] / "params.yaml").finetune
+    assert training.batch_mixer(train, 2) is None  # off by default
+    assert training.batch_mixer(replace(train, cutmix_alpha=1.0), 2)
+    with pytest.raises(UserError, match="train.mixup_alpha, train.cutmix_alpha: .*this data has 1; set both to 0"):
+        training.batch_mixer(replace(train, mixup_alpha=0.2), 1)

@@ -9,6 +9,9 @@
   batch by batch, ahead, on a thread of their own, and sent from pinned memory without waiting.
   No worker processes, and one generator per loader, so a seed fixes every draw and resume is exact.
 
+Both can add a stronger policy to training images (train.augment: recipes.augmenter), on the
+uint8 crop before its normalisation, each image seeded from the generator its crop drew from.
+
 Which one trains is measured per machine (hardware.py). Both read the decoded images from the
 store (store.py): the original files are never opened again.
 """
@@ -39,6 +42,7 @@ from transferlab.errors import UserError, warn
 from transferlab.hardware import Hardware, residency_budget
 from transferlab.images import SPLITS, Sample, read_split
 from transferlab.models import Preprocess
+from transferlab.recipes import augmenter
 from transferlab.store import ImageStore, open_store
 
 # torchvision's RandomResizedCrop defaults, which the tutorial uses.
@@ -80,15 +84,16 @@ class ImageSource:
 
     def batches(self, samples: list[Sample], classes: list[str], pre: Preprocess, batch_size: int, train: bool,
                 seed: int, hw: Hardware, tensor_batches: bool | None = None, world: World = SINGLE,
-                shuffle: bool | None = None):
+                shuffle: bool | None = None, augment: str = "none"):
         """Batches of one split, augmented and shuffled if `train` (shuffle=False: augmented, in the
-        samples' order): tensor batches or a DataLoader over PIL transforms, as `hw` says; with
-        several processes, this one's share of each."""
+        samples' order; `augment`: a stronger policy too, recipes.AUGMENTATIONS): tensor batches
+        or a DataLoader over PIL transforms, as `hw` says; with several processes, this one's
+        share of each."""
         shuffle = train if shuffle is None else shuffle
         if hw.tensor_batches if tensor_batches is None else tensor_batches:
             return TensorBatches(self.device_images(hw.device, samples, hw.pin_memory), samples, classes, pre,
-                                 batch_size, train, seed, world, shuffle, hw.channels_last)
-        dataset = ImageDataset(samples, classes, build_transform(pre, train), self.store)
+                                 batch_size, train, seed, world, shuffle, hw.channels_last, augment=augment)
+        dataset = ImageDataset(samples, classes, build_transform(pre, train, augment), self.store)
         return make_loader(dataset, batch_size, shuffle, seed, hw.workers, hw.pin_memory, world)
 
 
@@ -101,8 +106,9 @@ def label_indices(samples: list[Sample], classes: list[str]) -> list[int]:
     return [index[s.label] for s in samples]
 
 
-def build_transform(pre: Preprocess, train: bool) -> Callable:
-    """The tutorial's augmentation for training, resize + centre crop for evaluation."""
+def build_transform(pre: Preprocess, train: bool, augment: str = "none") -> Callable:
+    """The tutorial's augmentation for training (and `augment`'s policy on the uint8 crop, as
+    torchvision's references place it), resize + centre crop for evaluation."""
     from torchvision import transforms as T  # here: the tensor-batch path needs no torchvision
 
     interpolation = T.InterpolationMode(pre.interpolation)
@@ -111,7 +117,23 @@ def build_transform(pre: Preprocess, train: bool) -> Callable:
                  T.RandomHorizontalFlip()]
     else:
         steps = [T.Resize(pre.resize_size, interpolation=interpolation), T.CenterCrop(pre.crop_size)]
-    return T.Compose(steps + [T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+    if train and augment != "none":  # ToTensor's scaling, split around the policy
+        steps += [T.PILToTensor(), SeededAugment(augment), T.ConvertImageDtype(torch.float32)]
+    else:
+        steps += [T.ToTensor()]
+    return T.Compose(steps + [T.Normalize(pre.mean, pre.std)])
+
+
+class SeededAugment:
+    """recipes.augmenter's policy as a step of the PIL path, each image seeded from torch's
+    generator, as that path's crops and flips draw: a worker's, seeded each epoch from the
+    loader's generator; without workers, the process's. fit saves both: resume is exact."""
+
+    def __init__(self, name: str):
+        self.augment = augmenter(name, 0)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.augment(image, int(torch.randint(2**62, ())))
 
 
 class ImageDataset(Dataset):
@@ -316,8 +338,9 @@ class TensorBatches:
 
     def __init__(self, images: DeviceImages, samples: list[Sample], classes: list[str], pre: Preprocess,
                  batch_size: int, train: bool, seed: int = 0, world: World = SINGLE, shuffle: bool | None = None,
-                 channels_last: bool = False, batched: bool | None = None):
+                 channels_last: bool = False, batched: bool | None = None, augment: str = "none"):
         self.images, self.samples, self.pre, self.batch_size, self.train = images, samples, pre, batch_size, train
+        self.augment = augmenter(augment, seed) if train else None  # each image seeded from `generator`
         self.shuffle = train if shuffle is None else shuffle
         self.world, self.channels_last = world, channels_last
         self.batched = images.device.type != "cpu" and pre.interpolation == "bilinear" if batched is None else batched
@@ -349,10 +372,11 @@ class TensorBatches:
     def _one_by_one(self, batches: list[torch.Tensor]):
         for rows in batches:
             boxes, flips = self.draw(rows) if self.train else ([None] * len(rows), [False] * len(rows))
+            seeds = self._seeds(rows)
             share = self.world.shard(len(rows))
             rows = rows[share]
             targets = self.targets_on_device[rows.to(self.targets_on_device.device)]
-            yield self.batch(rows, boxes[share], flips[share]), targets
+            yield self.batch(rows, boxes[share], flips[share], None if seeds is None else seeds[share]), targets
 
     def _batched(self, batches: list[torch.Tensor]):
         shares = [rows[self.world.shard(len(rows))] for rows in batches]
@@ -360,13 +384,14 @@ class TensorBatches:
             ahead = [gatherer.submit(self._gather, rows) for rows in shares[:1]]
             for i, rows in enumerate(batches):
                 boxes, flips = self._draws(rows) if self.train else (None, None)
+                seeds = self._seeds(rows)
                 share = self.world.shard(len(rows))
                 gathered = ahead.pop().result()
                 ahead += [gatherer.submit(self._gather, shares[i + 1])] if i + 1 < len(batches) else []
                 pixels = self.images.send(gathered)
                 plan = self._plan(shares[i], gathered[1], None if boxes is None else boxes[share],
                                   None if flips is None else flips[share])
-                yield self._resampled(pixels, plan)
+                yield self._resampled(pixels, plan, None if seeds is None else seeds[share])
 
     def _gather(self, rows: torch.Tensor):
         rows = rows.tolist()
@@ -388,13 +413,16 @@ class TensorBatches:
         flip = zero if flips is None else flips.long()
         return torch.stack([torch.from_numpy(starts // 3), w, *window, *resized, *offset, flip, rows], 1)
 
-    def _resampled(self, pixels: torch.Tensor, plan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _resampled(self, pixels: torch.Tensor, plan: torch.Tensor,
+                   seeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         size, device = self.pre.crop_size, self.mean.device
         if not len(plan):  # this process's share of a last batch smaller than the number of processes
             return torch.zeros(0, 3, size, size, device=device), self.targets_on_device[:0]
         spans = (int(plan[:, PLAN.index("window_h")].max()), int(plan[:, PLAN.index("window_w")].max()))
         plan = (plan.pin_memory() if self.images.pin_memory else plan).to(device, non_blocking=self.images.pin_memory)
         images = resample(pixels, plan, size, spans, self.pre.interpolation)
+        if seeds is not None:
+            images = torch.cat([self.augmented(image[None], seed) for image, seed in zip(images, seeds.tolist())])
         # Normalised straight into the layout the model runs in: no copy per step to change it.
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         normalised = torch.sub(images, self.mean, out=torch.empty_like(images, memory_format=layout))
@@ -409,8 +437,20 @@ class TensorBatches:
         boxes = crop_boxes(self.heights[rows], self.widths[rows], self.generator)
         return boxes, torch.rand(len(rows), generator=self.generator) < 0.5
 
-    def batch(self, rows: torch.Tensor, boxes: list, flips: list) -> torch.Tensor:
+    def _seeds(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """Each row's seed for the augmentation policy (None without one), drawn after its crop and
+        flip from the same generator: resume restores it, and every process draws the whole batch's."""
+        return None if self.augment is None else torch.randint(2**62, (len(rows),), generator=self.generator)
+
+    def augmented(self, crop: torch.Tensor, seed: int) -> torch.Tensor:
+        """A (1, 3, s, s) float 0-255 crop through the policy, which takes uint8, as the PIL path's
+        rounded crop is."""
+        return self.augment(crop[0].round().clamp(0, 255).to(torch.uint8), int(seed))[None].float()
+
+    def batch(self, rows: torch.Tensor, boxes: list, flips: list, seeds: torch.Tensor | None = None) -> torch.Tensor:
         crops = [self.crop(int(r), box, flip) for r, box, flip in zip(rows, boxes, flips)]
+        if seeds is not None:
+            crops = [self.augmented(crop, seed) for crop, seed in zip(crops, seeds.tolist())]
         if not crops:  # this process's share of a last batch smaller than the number of processes
             return torch.zeros(0, 3, self.pre.crop_size, self.pre.crop_size, device=self.mean.device)
         return (torch.cat(crops) - self.mean) / self.std

@@ -10,6 +10,7 @@ import random
 import resource
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +24,7 @@ from transferlab.distributed import SINGLE, World, whole_batch_sizes
 from transferlab.errors import UserError, warn
 from transferlab.files import load_checkpoint, save_checkpoint
 from transferlab.hardware import Hardware
-from transferlab.recipes import EarlyStopping
+from transferlab.recipes import BatchMixer, EarlyStopping, averaged, criterion
 
 
 def peak_rss_mb() -> float:
@@ -142,11 +143,16 @@ IGNORED = -100  # nn.CrossEntropyLoss's ignore_index: such a target adds nothing
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, hw: Hardware,
                     scaler: torch.amp.GradScaler, aux_loss_weight: float = 0.4,
-                    desc: str = "train", batch_scheduler=None, world: World = SINGLE) -> EpochStats:
+                    desc: str = "train", batch_scheduler=None, world: World = SINGLE, loss: nn.Module | None = None,
+                    mixer: BatchMixer | None = None, after_step: Callable[[], None] | None = None) -> EpochStats:
     """One epoch; with several processes, each passes its share of every batch through `model`
-    (DistributedDataParallel, which averages the gradients) and the stats cover all shares."""
+    (DistributedDataParallel, which averages the gradients) and the stats cover all shares.
+
+    `loss`: summed, as recipes.criterion makes it (plain cross-entropy by default); `mixer`
+    mixes each batch first (mixup, cutmix); `after_step` runs after every optimizer step (the
+    weights' moving average)."""
     set_train_mode(model)
-    criterion = nn.CrossEntropyLoss(reduction="sum")
+    loss_fn = criterion() if loss is None else loss
     whole = whole_batch_sizes(loader)  # every process knows each batch's size: no collective per step
     # Loss and hits stay on the device and are read once, at the end: a read per step would make
     # the host wait for the GPU every step. The losses add up on the host, in float64 (which an
@@ -162,10 +168,17 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             stand_in = images[:1]
         else:  # an empty share of a last batch: every process must step, so one image that counts nothing
             images, targets = stand_in, torch.full((1,), IGNORED, device=hw.device)
+        # Mixed, the targets are class probabilities; accuracy still counts against the hard ones,
+        # the larger part of each mixed image. The stand-in is never mixed: its IGNORED target
+        # must stay an index, so that it counts nothing.
+        hard = targets
+        if mixer and images_here:
+            images, targets = mixer(images, targets)
         scale = world.mean_scale(whole[step])  # the whole batch's mean, however it is shared
         with hw.autocast():
             logits, aux = split_outputs(model(images))
-            loss_sum = criterion(logits, targets) + sum(aux_loss_weight * criterion(a, targets) for a in aux)
+            loss_sum = summed_loss(loss_fn, logits, targets) + sum(
+                aux_loss_weight * summed_loss(loss_fn, a, targets) for a in aux)
             loss = loss_sum * scale
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -173,10 +186,18 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         scaler.update()
         if batch_scheduler is not None:
             batch_scheduler.step()
+        if after_step is not None:
+            after_step()
         losses.append(loss_sum.detach())
-        correct += (logits.argmax(1) == targets).sum()
+        correct += (logits.argmax(1) == hard).sum()
         seen += images_here
     return all_processes(world, host_sum(losses), correct.item(), seen, time.perf_counter() - start)
+
+
+def summed_loss(loss_fn: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`loss_fn` on class indices, or on mixing's float32 class probabilities, which meet the
+    logits in float32 (autocast's fp16 or bf16 logits would round them)."""
+    return loss_fn(logits.float(), targets) if targets.is_floating_point() else loss_fn(logits, targets)
 
 
 def host_sum(values: list[torch.Tensor]) -> float:
@@ -249,7 +270,8 @@ class FitResult:
 def fit(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optimizer, scheduler,
         epochs: int, hw: Hardware, aux_loss_weight: float = 0.4,
         on_epoch: Callable[[dict], None] = lambda record: None, resume_path: str | Path | None = None,
-        world: World = SINGLE, saved: dict | None = None, patience: int = 0) -> FitResult:
+        world: World = SINGLE, saved: dict | None = None, patience: int = 0, loss: nn.Module | None = None,
+        mixer: BatchMixer | None = None, ema_decay: float = 0.0) -> FitResult:
     """Train for `epochs`, keeping the weights of the epoch with the best val accuracy (then loss);
     with `patience`, stop once that many validation checks in a row found none better
     (recipes.EarlyStopping): `epochs` is then the cap. A schedule planned over `epochs` (step,
@@ -266,10 +288,16 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optim
     within their rounding. With several processes, every one takes the same steps on its share
     of each batch and sees the same val stats (so they agree on the best epoch); rank 0 alone
     prints and saves the resume state, which it reads for all of them.
+
+    `loss` and `mixer` are train_one_epoch's (validation's loss stays plain cross-entropy, so val
+    losses compare across recipes). With `ema_decay`, a moving average of the weights follows
+    every step (recipes.averaged): validation scores it, and the best epoch keeps its weights.
     """
     hw.prepare(model)
     scaler = hw.grad_scaler()
-    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    ema = averaged(model, ema_decay) if ema_decay else None
+    scored = model if ema is None else ema.module  # what val scores and the best epoch keeps
+    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "ema": ema}
     generators = loader_generators(train_loader) + loader_generators(val_loader)
     result, stopping = FitResult(), EarlyStopping(patience)
     if saved is None:
@@ -290,18 +318,22 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optim
         per_batch = steps_per_batch(scheduler)
         train = train_one_epoch(trained, train_loader, optimizer, hw, scaler, aux_loss_weight,
                                 desc=f"epoch {epoch}/{epochs} train", batch_scheduler=scheduler if per_batch else None,
-                                world=world)
+                                world=world, loss=loss, mixer=mixer,
+                                after_step=None if ema is None else partial(ema.update_parameters, model))
         if scheduler is not None and not per_batch:
             scheduler.step()  # once per epoch, after the optimizer's steps
-        world.sync_buffers(model)  # every process scores the model rank 0 keeps
-        own = predict(model, val_loader, hw, desc=f"epoch {epoch}/{epochs} val", show=world.main).stats
+        # Every process scores the model rank 0 keeps. The averages of the weights agree already
+        # (every process steps alike); those of BatchNorm's statistics follow each one's share.
+        for module in dict.fromkeys([model, scored]):
+            world.sync_buffers(module)
+        own = predict(scored, val_loader, hw, desc=f"epoch {epoch}/{epochs} val", show=world.main).stats
         val = all_processes(world, own.loss * own.images, own.accuracy * own.images, own.images, own.seconds)
         record = {"epoch": epoch, "train_loss": train.loss, "train_acc": train.accuracy,
                   "val_loss": val.loss, "val_acc": val.accuracy, "train_seconds": train.seconds,
                   "train_images_per_s": train.images_per_second, "val_seconds": val.seconds,
                   "peak_rss_mb": peak_rss_mb()}
         result.history.append(record)
-        result.consider(epoch, val, model)
+        result.consider(epoch, val, scored)
         result.stopped_early = stopping.should_stop(val.accuracy, val.loss)
         rng = world.gather(rng_state(generators, hw.device))  # each process's own draws, for an exact resume
         if resume_path is not None and world.main:

@@ -126,13 +126,15 @@ def passes(loader: Iterable, size: int):
 def feature_loaders(built: BuiltModel, train: list[Sample], val: list[Sample], batch_size: int, views: int,
                     hw: Hardware, seed: int, cache_dir: str | Path,
                     image_loader: Callable[[list[Sample], bool], Iterable], world: World = SINGLE,
-                    train_rows: list[int] | None = None, order_seed: int | None = None):
+                    train_rows: list[int] | None = None, order_seed: int | None = None, augment: str = "none"):
     """(HeadOnly model, train loader, val loader) over cached embeddings, or None when this model's
     head output is not its output (the caller then trains with the backbone in the loop).
 
     `train_rows` (indices into `train`, repeats allowed) trains on those images only, from the
     cache of all of `train`: a learning curve's points share one embedding pass. `order_seed`
-    (default `seed`) draws the epochs' order and views; `seed` drew the cached crops.
+    (default `seed`) draws the epochs' order and views; `seed` drew the cached crops. `augment`
+    names the augmentation (recipes.augmenter) that `image_loader` applies to training views: part
+    of the cache's key.
 
     `image_loader(samples, augment)` gives batches of the images in the samples' order, never
     shuffled: augmented (one pass = one view) or not; with several processes, this one's share of
@@ -143,7 +145,7 @@ def feature_loaders(built: BuiltModel, train: list[Sample], val: list[Sample], b
     main_head = built.head_names[-1]  # inception lists its auxiliary head first; eval uses the main one
     head_only = split_off_head(built.model, main_head)
     hw.prepare(built.model)
-    key = _cache_key(built, train, val, views, seed, hw, batch_size)
+    key = _cache_key(built, train, val, views, seed, hw, batch_size, augment)
     folder = Path(cache_dir) / f"features-{built.arch}-{key}"
     cached = _open(folder) if world.main else None
     if world.broadcast(cached is None):
@@ -356,9 +358,9 @@ def _map(path: Path, meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _cache_key(built: BuiltModel, train: list[Sample], val: list[Sample], views: int, seed: int,
-               hw: Hardware, batch_size: int) -> str:
-    identity = json.dumps([CACHE_FORMAT, batch_size, built.arch, built.weights_id, built.arch_kwargs,
-                           built.preprocess.__dict__, views, seed,
-                           str(hw.amp_dtype), hw.tensor_batches, samples_digest(train), samples_digest(val)],
-                          sort_keys=True)
+               hw: Hardware, batch_size: int, augment: str = "none") -> str:
+    identity = [CACHE_FORMAT, batch_size, built.arch, built.weights_id, built.arch_kwargs, built.preprocess.__dict__,
+                views, seed, str(hw.amp_dtype), hw.tensor_batches, samples_digest(train), samples_digest(val)]
+    # Named only when on: the caches built before augmentation existed keep their keys.
+    identity = json.dumps(identity + ([augment] if augment != "none" else []), sort_keys=True)
     return hashlib.sha256(identity.encode()).hexdigest()[:20]

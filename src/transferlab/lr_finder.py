@@ -29,6 +29,7 @@ from transferlab.files import read_json, write_json
 
 START, END, STEPS = 1e-7, 10.0, 100
 SMOOTHING = 0.98   # an exponential moving average of the loss, debiased: one step's noise is no trend
+RULE = "a tenth of the lr at the lowest smoothed loss, after the first tenth of the steps"
 DIVERGED = 4.0     # the smoothed loss this many times its lowest: the sweep has gone past usefulness
 
 
@@ -48,8 +49,11 @@ def smooth(losses: list[float], beta: float = SMOOTHING) -> list[float]:
 
 
 def suggest(lrs: list[float], smoothed: list[float]) -> float:
-    """The pick: a tenth of the lr at the lowest smoothed loss."""
-    lowest = min(range(len(smoothed)), key=smoothed.__getitem__)
+    """The pick: a tenth of the lr at the lowest smoothed loss, after the average's first tenth of
+    the sweep's steps: there it averages a handful of batches, and on a flat sweep (random weights,
+    whose loss no single step at any lr lowers) one lucky first batch would be the "lowest"."""
+    skip = min(len(smoothed) - 1, STEPS // 10)
+    lowest = min(range(skip, len(smoothed)), key=smoothed.__getitem__)
     return lrs[lowest] / 10
 
 
@@ -69,7 +73,7 @@ def sweep(step: Callable[[float], float], lrs: list[float]) -> dict:
     if len(tried) < 5:
         raise ValueError(f"the lr range test diverged within {len(tried)} steps from lr {lrs[0]:g}: start lower")
     return {"lrs": tried, "losses": losses, "smoothed": smoothed, "suggestion": suggest(tried, smoothed),
-            "rule": "a tenth of the lr at the lowest smoothed loss", "stopped_early": len(tried) < len(lrs)}
+            "rule": RULE, "stopped_early": len(tried) < len(lrs)}
 
 
 def range_test(model: nn.Module, batches: Callable[[], Iterable],

@@ -18,6 +18,9 @@ import yaml
 from transferlab.errors import UserError
 
 MODES = ("finetune", "extract", "scratch")
+# evaluate.tta's views of a test image (scoring.VIEWS makes them): the resize + centre crop, and
+# that crop mirrored left-right.
+TTA_VIEWS = ("center", "hflip")
 
 
 class ParamsError(UserError, ValueError):
@@ -88,6 +91,11 @@ class TrainParams:
     feature_views: int
     resume: bool
     patience: int = 0  # validation checks without a better one that end a run (epochs: the cap); 0: never
+    label_smoothing: float = 0.0  # the training loss's (val's stays plain cross-entropy)
+    mixup_alpha: float = 0.0  # 0: off
+    cutmix_alpha: float = 0.0  # 0: off; with both set, each batch takes one of them
+    augment: Literal["none", "trivialaugment", "randaugment"] = "none"
+    ema_decay: float = 0.0  # 0: off; else validation and the checkpoint take the weights' moving average
 
     def check(self, key: str) -> None:
         for name in ("epochs", "batch_size", "step_size", "feature_views"):
@@ -117,10 +125,25 @@ class TrainParams:
                      f"is {self.freeze}; a fraction of the backbone lies in [0, 1] (or none, all, a layer name)")
         _require(not (self.scheduler == "onecycle" and self.warmup_epochs), f"{key}.warmup_epochs",
                  "must be 0 with scheduler: onecycle, which warms up on its own")
+        self.check_recipes(key)
         if self.workers != "auto":
             _require(self.workers >= 0, f"{key}.workers", f"is {self.workers}; use 0 or more, or auto")
         if self.processes != "auto":
             _require(self.processes >= 1, f"{key}.processes", f"is {self.processes}; use 1 or more, or auto")
+
+    def check_recipes(self, key: str) -> None:
+        _require(0 <= self.label_smoothing < 1, f"{key}.label_smoothing",
+                 f"is {self.label_smoothing}; it must lie in [0, 1) (0: off, 0.1 is usual)")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            value = getattr(self, name)
+            _require(value >= 0, f"{key}.{name}", f"is {value}; it must be 0 (off) or more (0.2 and 1.0 are usual)")
+        _require(self.ema_decay == 0 or 0 < self.ema_decay < 1, f"{key}.ema_decay",
+                 f"is {self.ema_decay}; use 0 (off) or a decay in (0, 1), e.g. 0.999")
+
+    def mixes_cached_embeddings(self) -> bool:
+        """Whether mixup or cutmix is asked of a head that trains on cached embeddings (a frozen
+        backbone; models decides the rarer cases, where training.prepare refuses them)."""
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.cache_features and self.freeze in ("all", 1.0)
 
 
 @dataclass(frozen=True)
@@ -128,9 +151,18 @@ class EvaluateParams:
     batch_size: int
     precision: Literal["auto", "fp32", "bf16", "fp16"]
     channels_last: Union[bool, Literal["auto"]]
+    tta: tuple[str, ...] = ("center",)  # the views whose softmaxes are averaged; center alone: no TTA
 
     def check(self, key: str) -> None:
         _require(self.batch_size > 0, f"{key}.batch_size", f"is {self.batch_size}; it must be greater than 0")
+        views = f"valid views: {', '.join(TTA_VIEWS)}, e.g. [center, hflip]"
+        _require(bool(self.tta), f"{key}.tta", f"is empty; list at least one view ({views})")
+        for view in self.tta:
+            close = difflib.get_close_matches(view, TTA_VIEWS, n=1)
+            _require(view in TTA_VIEWS, f"{key}.tta",
+                     f"{view!r} is not a view; {f'did you mean {close[0]!r}? ' if close else ''}{views}")
+        _require(len(set(self.tta)) == len(self.tta), f"{key}.tta",
+                 f"{list(self.tta)} lists a view twice (it would weigh double); {views}")
 
 
 @dataclass(frozen=True)
@@ -164,6 +196,18 @@ class Params:
                  f"is {self.scratch.freeze!r}; frozen random weights learn nothing: set it to none")
         _require(self.scratch.head_epochs == 0, "scratch.head_epochs",
                  "must be 0: training the head on a frozen random backbone first buys nothing")
+        for mode in MODES:
+            train = self.for_mode(mode)
+            name = "mixup_alpha" if train.mixup_alpha > 0 else "cutmix_alpha"
+            _require(not train.mixes_cached_embeddings(), f"{mode}.{name}", mixing_refused(mode, getattr(train, name)))
+
+
+def mixing_refused(mode: str, alpha: float) -> str:
+    """Why mixup/cutmix cannot train `mode`'s head on cached embeddings, and the two ways out."""
+    return (f"is {alpha}, but mixup and cutmix mix images, and {mode} trains its head on cached embeddings of "
+            f"them (freeze: all, cache_features: true): set {mode}.cache_features: false (`-S "
+            f"++{mode}.cache_features=false`: the backbone then runs every epoch), or {mode}.mixup_alpha and "
+            f"{mode}.cutmix_alpha: 0")
 
 
 @dataclass(frozen=True)

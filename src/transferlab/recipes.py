@@ -11,6 +11,9 @@ already has it (torchvision's references/classification recipes):
   (`torch.optim.swa_utils.AveragedModel`), which validation then scores;
 - stronger augmentation: `TrivialAugmentWide` or `RandAugment` (`torchvision.transforms.v2`), per
   image, on uint8 images, before the crop's normalisation.
+
+Each is a params key of `train` (label_smoothing, mixup_alpha, cutmix_alpha, ema_decay, augment),
+off by default: engine.fit takes the loss, the mixer and the decay; data.py the augmentation.
 """
 from __future__ import annotations
 
@@ -84,22 +87,28 @@ def averaged(model: nn.Module, decay: float) -> nn.Module:
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
-def augmenter(name: str, seed: int):
+def augmenter(name: str, seed: int) -> Augmenter | None:
     """A function (3, h, w) uint8 -> (3, h, w) uint8 applying `name`'s random policy to one image,
-    drawing from its own seeded generator; None for "none"."""
-    from torchvision.transforms import v2
-
+    drawing from its own seeded generator (or from a seed given with each image); None for "none"."""
     if name == "none":
         return None
     if name not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {name!r}; valid: {', '.join(AUGMENTATIONS)}")
-    policy = v2.TrivialAugmentWide() if name == "trivialaugment" else v2.RandAugment()
-    draws = random.Random(seed)
+    from torchvision.transforms import v2  # here: the tensor-batch path without it needs no torchvision
+    return Augmenter(v2.TrivialAugmentWide() if name == "trivialaugment" else v2.RandAugment(), random.Random(seed))
 
-    def apply(image: torch.Tensor) -> torch.Tensor:
+
+@dataclass
+class Augmenter:
+    """`policy` on one image at a time (a class, not a closure: DataLoader workers may pickle it)."""
+    policy: nn.Module
+    draws: random.Random
+
+    def __call__(self, image: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """`seed`: this image's own, drawn by a loader from a generator that resume restores;
+        without one, the next of the augmenter's own sequence."""
         # v2's policies draw from torch's global generator: fork it, seeded from ours, so that the
         # images' augmentation is reproducible and leaves every other draw as it was.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(draws.getrandbits(63))
-            return policy(image)
-    return apply
+            torch.manual_seed(self.draws.getrandbits(63) if seed is None else seed)
+            return self.policy(image)

@@ -29,7 +29,7 @@ from transferlab.engine import (
     set_train_mode,
     split_outputs,
 )
-from transferlab.errors import warn
+from transferlab.errors import UserError, warn
 from transferlab.features import feature_loaders
 from transferlab.hardware import DTYPES, Hardware, Workload, decide, pick_hardware, warm_up
 from transferlab.images import Sample, samples_digest
@@ -44,6 +44,7 @@ from transferlab.models import (
     trainable_parameters,
 )
 from transferlab.params import TrainParams, to_dict
+from transferlab.recipes import BatchMixer, criterion
 
 
 def train_hardware(train: TrainParams) -> Hardware:
@@ -65,6 +66,16 @@ def training_optimizer(model: nn.Module, built: BuiltModel, train: TrainParams, 
     """The optimizer over `model`'s trainable weights, the backbone's at its own lr, unscheduled."""
     return make_optimizer(parameter_groups(model, built, train.lr, train.backbone_lr_factor), train.optimizer,
                           train.lr, train.momentum, train.weight_decay, fused_optimizer(hw.device))
+
+
+def batch_mixer(train: TrainParams, num_classes: int) -> BatchMixer | None:
+    """Mixup and/or cutmix as `train` asks, None with both off; a UserError for data of one class."""
+    if not (train.mixup_alpha > 0 or train.cutmix_alpha > 0):
+        return None
+    try:
+        return BatchMixer(num_classes, train.mixup_alpha, train.cutmix_alpha)
+    except ValueError as err:
+        raise UserError(f"train.mixup_alpha, train.cutmix_alpha: {err}; set both to 0 for this data") from None
 
 
 def head_spec(train: TrainParams) -> HeadSpec:
@@ -126,12 +137,18 @@ def prepare(built: BuiltModel, classes: list[str], samples: dict[str, list[Sampl
 
     def image_batches(split_samples: list[Sample], training: bool, shuffle: bool | None = None, draws: int = seed):
         return source.batches(split_samples, classes, pre, train.batch_size, training, draws, hw, world=world,
-                              shuffle=shuffle)
+                              shuffle=shuffle, augment=train.augment)
     if head_only:  # the embedding passes keep the images' order: row i of every view is image i
+        if train.mixup_alpha > 0 or train.cutmix_alpha > 0:  # what params could not tell: this model freezes all
+            raise UserError("mixup_alpha, cutmix_alpha: mixup and cutmix mix images, and this mode's head trains on "
+                            "cached embeddings of them (its whole backbone is frozen): set the mode's "
+                            "cache_features: false (the backbone then runs every epoch), or both alphas to 0")
         embed_seed = seed if subset is None else subset.embed_seed
+        # The cached views are augmented as training images are (train.augment): each view one draw.
         prepared = feature_loaders(built, samples["train"], samples["val"], train.batch_size, views, hw, embed_seed,
                                    cache_dir, partial(image_batches, shuffle=False, draws=embed_seed), world,
-                                   train_rows=None if subset is None else subset.rows, order_seed=seed)
+                                   train_rows=None if subset is None else subset.rows, order_seed=seed,
+                                   augment=train.augment)
         if prepared is not None:
             return (hw, *prepared)
         warn("feature cache: this model's output is not its head's output; running the backbone every epoch")
@@ -149,13 +166,16 @@ def train_head_first(built: BuiltModel, classes: list[str], samples: dict[str, l
     trainable = {p: p.requires_grad for p in built.model.parameters()}
     freeze_all_but(built.model, built.head_names)
     try:
-        head_train = replace(train, epochs=train.head_epochs, scheduler="none", warmup_epochs=0, cache_features=True)
+        # On cached embeddings: no mixing of images; and no average of the weights, whose head phase
+        # hands on its last weights, not a best epoch's.
+        head_train = replace(train, epochs=train.head_epochs, scheduler="none", warmup_epochs=0, cache_features=True,
+                             mixup_alpha=0.0, cutmix_alpha=0.0, ema_decay=0.0)
         head_hw, model, train_loader, val_loader = prepare(built, classes, samples, head_train, hw, seed, source,
                                                            cache_dir, world, subset)
         optimizer = make_optimizer(trainable_parameters(model), train.optimizer, train.lr, train.momentum,
                                    train.weight_decay, fused_optimizer(head_hw.device))
         result = fit(model, train_loader, val_loader, optimizer, None, train.head_epochs, head_hw,
-                     train.aux_loss_weight, world=world)
+                     train.aux_loss_weight, world=world, loss=criterion(train.label_smoothing))
     finally:
         for parameter, flag in trainable.items():
             parameter.requires_grad_(flag)
@@ -185,6 +205,7 @@ def train_mode(model_name: str, mode: str, train: TrainParams, seed: int, classe
     identity, `resume` being (folder, name, identity), at the hardware settings that run decided),
     then the best epoch's weights."""
     seed_everything(seed, train.deterministic)
+    mixer = batch_mixer(train, len(classes))  # before any work: it refuses data of one class
     hw = train_hardware(train)
     if hw.device.type == "cuda":
         hw = replace(hw, device=torch.device("cuda", world.local_rank))
@@ -204,7 +225,10 @@ def train_mode(model_name: str, mode: str, train: TrainParams, seed: int, classe
                                                   subset)
     found = None
     if train.lr == "find":  # Smith's range test on this mode's own start, before training
-        identity = [built.arch, weights, mode, to_dict(replace(train, lr=1.0, epochs=1, patience=0)), seed,
+        # The sweep's loss is plain cross-entropy, unmixed (find_lr): those keys do not change it.
+        swept = replace(train, lr=1.0, epochs=1, patience=0, label_smoothing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0,
+                        ema_decay=0.0)
+        identity = [built.arch, weights, mode, to_dict(swept), seed,
                     samples_digest(trained_samples(samples, subset)), world.size]
         # Rank 0 sweeps for all (on its share of the batches): every process trains at one lr.
         found = world.broadcast(find_lr(model, built, train, hw, train_loader, cache_dir, identity)
@@ -215,7 +239,8 @@ def train_mode(model_name: str, mode: str, train: TrainParams, seed: int, classe
                   flush=True)
     optimizer, scheduler = optimizer_and_scheduler(model, built, train, len(train_loader), hw)
     result = fit(model, train_loader, val_loader, optimizer, scheduler, train.epochs, hw, train.aux_loss_weight,
-                 resume_path=resume_path, world=world, saved=saved, patience=train.patience)
+                 resume_path=resume_path, world=world, saved=saved, patience=train.patience,
+                 loss=criterion(train.label_smoothing), mixer=mixer, ema_decay=train.ema_decay)
     result.after(head_history)
     if world.main:
         model.load_state_dict(result.best_state)  # `model` may be the head alone: it lives in built.model
@@ -231,7 +256,11 @@ def find_lr(model: nn.Module, built: BuiltModel, train: TrainParams, hw: Hardwar
             identity: list) -> dict:
     """The lr range test (lr_finder.py) on `model` as training will start it, on the training
     loader's batches; the loader's generators are put back afterwards, so training draws what it
-    would have drawn. Cached under `identity`."""
+    would have drawn. Cached under `identity`.
+
+    Its loss is plain cross-entropy on unmixed batches, whatever train's label smoothing and
+    mixing: they raise the loss's floor, not the lr at which it falls fastest, and the pick's
+    rule was made for the plain loss."""
     def run() -> dict:
         hw.prepare(model)
         set_train_mode(model)

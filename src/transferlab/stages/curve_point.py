@@ -65,7 +65,7 @@ def point(size: str, mode: str, seed: int) -> None:
     predictions, eval_hw = predict_split(built.model, built.arch, built.preprocess, classes, samples["test"],
                                          trained.source, params.evaluate.batch_size,
                                          scoring_hardware(params.evaluate), cache_dir(),
-                                         desc=f"test {mode} {size}/class")
+                                         desc=f"test {mode} {size}/class", views=params.evaluate.tta)
     right = predictions.probs.argmax(1) == predictions.targets
     write_json(point_path(mode, size, seed), {
         **record, "epochs": len(result.history), "steps_per_epoch": trained.steps_per_epoch,

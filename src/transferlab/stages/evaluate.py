@@ -44,13 +44,13 @@ def main() -> None:
             sources[store] = ImageSource(open_split_store(TEST_CSV.parent, pre.resize_size, cache_dir(),
                                                           pre.interpolation))
         predictions, mode_hw = predict_test(checkpoint, samples, sources[store],
-                                            params.evaluate.batch_size, hw)
+                                            params.evaluate.batch_size, hw, params.evaluate.tta)
         classes = report["classes"] = checkpoint["classes"]
         report[mode] = {**classification_metrics(predictions.targets, predictions.probs, classes),
                         "top_losses": top_losses(predictions.probs, predictions.targets, [s.path for s in samples],
                                                  classes),
                         "inference_images_per_s": predictions.stats.images_per_second, **mode_hw.describe(),
-                        **SCORING_MATH}
+                        **SCORING_MATH, "tta": list(params.evaluate.tta)}
         right[mode] = predictions.probs.argmax(1) == predictions.targets
         rows[mode] = prediction_rows(samples, predictions, classes)
         print(f"{mode}: test accuracy {report[mode]['accuracy']:.4f} "
@@ -67,14 +67,15 @@ def main() -> None:
 
 
 def predict_test(checkpoint: dict, samples: list[Sample], source: ImageSource, batch_size: int,
-                 hw: Hardware) -> tuple[Predictions, Hardware]:
-    """The checkpoint's class probabilities for every test image, at evaluate's precision and layout
-    (measured only where params.yaml says auto)."""
+                 hw: Hardware, views: tuple[str, ...] = ("center",)) -> tuple[Predictions, Hardware]:
+    """The checkpoint's class probabilities for every test image, the mean over `views`, at
+    evaluate's precision and layout (measured only where params.yaml says auto)."""
     model = rebuild_model(checkpoint["arch"], checkpoint["arch_kwargs"], len(checkpoint["classes"]),
                           head_of(checkpoint))
     model.load_state_dict(checkpoint["state_dict"])
     return predict_split(model, checkpoint["arch"], Preprocess(**checkpoint["preprocess"]), checkpoint["classes"],
-                         samples, source, batch_size, hw, cache_dir(), desc=f"test {checkpoint['mode']}")
+                         samples, source, batch_size, hw, cache_dir(), desc=f"test {checkpoint['mode']}",
+                         views=views)
 
 
 def prediction_rows(samples: list[Sample], predictions: Predictions, classes: list[str]) -> list[list]:
