@@ -200,7 +200,7 @@ def project(finished_project, tmp_path_factory):
 
 @pytest.mark.integration
 def test_processes_2_through_dvc_exp_run_a_killed_process_stops_it_and_it_resumes(project):
-    """The README's `dvc exp run -S train.processes=2`, with finetune given 4 epochs: one of its
+    """docs/sharing.md's `dvc exp run -S train.processes=2`, with finetune given 4 epochs: one of its
     processes killed in its second epoch stops the run, keeping finetune's outputs; the same command
     again resumes after epoch 1, and every mode ends trained by two processes."""
     project, env = project
@@ -238,7 +238,7 @@ def test_processes_2_through_dvc_exp_run_a_killed_process_stops_it_and_it_resume
 
 @pytest.mark.integration
 def test_the_stage_runs_under_torchrun_as_on_two_machines(project):
-    """The README's multi-machine command, both "machines" here: two torchrun agents meeting at
+    """docs/sharing.md's multi-machine command, both "machines" here: two torchrun agents meeting at
     one rendezvous endpoint, one process each."""
     project, env = project
     params = yaml.safe_load((project / "params.yaml").read_text())

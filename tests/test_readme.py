@@ -58,7 +58,7 @@ RUN_BY = {
 RUN_ELSEWHERE = {
     r"make test": ".ci/run",
     r"make bench": "benchmarks/speed.py",
-    r"python benchmarks/\w+\.py.*": "benchmarks",  # their figures are in the README
+    r"python benchmarks/\w+\.py.*": "benchmarks",  # their figures are in docs/
 }
 # Lines of the README's code blocks that are no command: messages it quotes, excerpts of outputs.
 NOT_COMMANDS = (
@@ -121,3 +121,31 @@ def test_exp_show_only_changed_is_a_dvc_option():
     dvc = str(Path(sys.executable).parent / "dvc")
     usage = subprocess.run([dvc, "exp", "show", "--help"], capture_output=True, text=True).stdout
     assert "--only-changed" in usage
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def broken_links(page: Path) -> list[str]:
+    """The relative links of `page` (to a file, a file's heading, or a heading of its own) that lead
+    nowhere; links to other sites are not followed."""
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue
+        file, _, fragment = target.partition("#")
+        path = (page.parent / file).resolve() if file else page
+        if not path.exists():
+            broken.append(target)
+        elif fragment and path.suffix == ".md":
+            headings = re.findall(r"^#+ (.*)$", path.read_text(), flags=re.MULTILINE)
+            if fragment not in {anchor(h) for h in headings}:
+                broken.append(target)
+    return broken
+
+
+def test_the_readme_and_docs_link_to_pages_and_headings_that_exist():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert {page.name: broken_links(page) for page in pages} == {page.name: [] for page in pages}

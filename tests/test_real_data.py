@@ -47,7 +47,7 @@ def test_transfer_learning_pays_off_on_hymenoptera(tmp_path):
     assert report["classes"] == ["ants", "bees"]
     assert sum(report["counts"]["test"].values()) == 153
     assert any(row["path"].endswith("train/ants/imageNotFound.gif") for row in report["skipped"])
-    assert report["near_duplicates"] == {"threshold": 8, "pairs": []}  # the README's finding
+    assert report["near_duplicates"] == {"threshold": 8, "pairs": []}  # docs/statistics.md's finding
     evaluation = json.loads((project / "metrics/eval.json").read_text())
     accuracy = {mode: evaluation[mode]["accuracy"] for mode in ("finetune", "extract", "scratch")}
     print("test accuracy:", accuracy)

@@ -46,7 +46,7 @@ def digests(project: Path, outputs: list[str]) -> dict[str, str]:
 
 def run_sweep(project: Path, env: dict[str, str], tmp_path: Path) -> list[dict]:
     """The README's sweep: two seeds through `dvc exp run --queue` and `dvc queue start -j 2` (a
-    task DVC's race failed, again with `dvc exp run --temp`, as the README says); then
+    task DVC's race failed, again with `dvc exp run --temp`, as docs/reliability.md says); then
     `transferlab compare` reads them and the baseline from git."""
     run(["dvc", "exp", "run", "--queue", "-S", "seed=1,2"], project, env)
     start_queue(project, env, jobs=2)
@@ -118,7 +118,7 @@ def test_a_sweep_queued_two_at_once_is_ranked_pushed_and_ranked_alike_on_another
     assert [{k: v for k, v in row.items() if k != "runs"} for row in
             json.loads((tmp_path / "board-b" / "leaderboard.json").read_text())] == without_names
 
-    # Back on A, the README's way to run a task again that the queue's race failed: `dvc exp run
+    # Back on A, docs/reliability.md's way to run a task again that the queue's race failed: `dvc exp run
     # --temp`, in a copy under .dvc/tmp/exps/ that reads the project's caches (here a change that
     # re-runs evaluate alone; what a seed re-runs, the queued experiments have just shown).
     before = digests(a, ["metrics", "plots"])

@@ -8,7 +8,7 @@ hash (imagehash's pHash: the signs of the lowest 8x8 frequencies of its DCT) of 
 mirror image; its detail (how many of those frequencies stand clear of their median, i.e. how many
 bits of the hash mean something); and an 8x8 colour thumbnail. Two images are near-copies when
 the Hamming distance between their hashes, the smaller of straight and mirrored, is at most a
-threshold (`split.near_duplicate_distance`; the README says how 8 was chosen) and their thumbnails
+threshold (`split.near_duplicate_distance`; docs/statistics.md says how 8 was chosen) and their thumbnails
 agree (`_agree`): a flat or plain image has a hash of one or two bits, so black and white, or any
 flat colour and a gradient, would otherwise be copies of each other.
 
