@@ -22,18 +22,19 @@ def log_curve(mode: str, name: str) -> tuple[list[int], list[float]]:
 
 
 def main() -> None:
-    require_inputs({**{f"logs/{m}": f"train-{m}" for m in MODES},
-                    "reports/eval.json": "evaluate", "metrics/predictions/finetune.csv": "evaluate"})
+    trained = {path: f"train-{m}" for m in MODES for path in (f"logs/{m}", f"reports/train/{m}.json")}
+    require_inputs({**trained, "reports/eval.json": "evaluate", "metrics/predictions/finetune.csv": "evaluate"})
     params = load_params(check_model=False)  # builds no model: starts without torchvision
     modes = list(MODES)
     evaluation = read_json("reports/eval.json")
     classes = evaluation["classes"]
+    epochs = {m: read_json(f"reports/train/{m}.json")["epochs"] for m in modes}  # those trained, not the cap
     with replaced_together(PLOTS) as (plots,):
-        plot_curves({m: {"val": log_curve(m, "val/acc")} for m in modes}, f"validation accuracy, {params.model}",
-                    "accuracy", plots / "val_accuracy.png")
+        plot_curves({m: {"val": log_curve(m, "val/acc")} for m in modes},
+                    f"validation accuracy per epoch, {params.model}", "accuracy", plots / "val_accuracy.png")
         plot_curves({m: {"train": log_curve(m, "train/loss"), "val": log_curve(m, "val/loss")} for m in modes},
-                    f"loss, {params.model}", "cross-entropy", plots / "loss.png")
-        plot_test_accuracy(evaluation, modes, plots / "test_accuracy.png")
+                    f"loss per epoch (train dashed, val solid), {params.model}", "cross-entropy", plots / "loss.png")
+        plot_test_accuracy(evaluation, modes, plots / "test_accuracy.png", params.model, epochs)
         plot_confusions(evaluation, modes, classes, plots / "confusion.png")
         plot_top_losses(evaluation, modes, plots / "top_losses.png")
         plot_prediction_grid(Path("metrics/predictions/finetune.csv"), params.plot.grid_images,
