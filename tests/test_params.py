@@ -22,15 +22,19 @@ def test_project_params_load_with_tutorial_defaults():
     assert params.model == "squeezenet"
     assert (params.train.batch_size, params.train.epochs, params.train.lr, params.train.momentum) == (8, 15, 0.001, 0.9)
     assert params.data.url == "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
-    assert params.for_mode("finetune") == params.for_mode("scratch") == params.train
-    assert params.for_mode("extract") == replace(params.train, freeze="all")  # what extract means
+    # Each mode's own best, chosen on val (docs/recipes.md); the tutorial's recipe stays in train.
+    assert (params.finetune.lr, params.finetune.patience, params.finetune.epochs) == (0.003, 5, 15)
+    assert (params.extract.lr, params.extract.patience, params.extract.freeze) == (0.01, 5, "all")
+    scratch = params.for_mode("scratch")
+    assert (scratch.optimizer, scratch.lr, scratch.scheduler, scratch.epochs, scratch.patience) == (
+        "adamw", 0.003, "cosine", 40, 10)
 
 
 def test_mode_overrides_apply_to_that_mode_only(raw):
     raw["scratch"] = {"lr": 0.01, "epochs": 30}
     params = parse_params(raw)
     assert (params.for_mode("scratch").lr, params.for_mode("scratch").epochs) == (0.01, 30)
-    assert params.for_mode("finetune").lr == 0.001
+    assert params.for_mode("finetune").epochs == params.train.epochs == 15
     assert params.for_mode("scratch").batch_size == params.train.batch_size
 
 
@@ -194,3 +198,20 @@ def test_mixing_trains_extract_once_its_backbone_runs_every_epoch(raw):
     raw["train"].update(mixup_alpha=0.2, cutmix_alpha=1.0)
     raw["extract"].update(cache_features=False)
     assert parse_params(raw, check_model=False).for_mode("extract").mixup_alpha == 0.2
+
+
+def test_the_documented_tutorial_command_trains_every_mode_with_trains_recipe():
+    """docs/recipes.md's `dvc exp run -n tutorial -S ...`: with those keys null, every mode's params
+    are `train`'s (the tutorial's), freeze aside; without them, each mode has its own."""
+    command = next(line.strip() for line in (ROOT / "docs/recipes.md").read_text().splitlines()
+                   if line.strip().startswith("dvc exp run -n tutorial"))
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    shipped = parse_params(raw, check_model=False)
+    for setting in re.findall(r"-S (\S+)", command):
+        key, value = setting.split("=", 1)
+        section, name = key.split(".")
+        raw[section][name] = yaml.safe_load(value)
+    tutorial = parse_params(raw, check_model=False)
+    for mode in ("finetune", "extract", "scratch"):
+        assert replace(tutorial.for_mode(mode), freeze=tutorial.train.freeze) == tutorial.train, mode
+    assert shipped.scratch != replace(shipped.train, freeze=shipped.scratch.freeze)

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import PINNED_HARDWARE, copy_finished, copy_project, pipeline_env, run, write_test_weights
+from conftest import (
+    PINNED_HARDWARE,
+    copy_finished,
+    copy_project,
+    modes_follow_train,
+    pipeline_env,
+    run,
+    write_test_weights,
+)
 
 pytestmark = pytest.mark.integration  # through the real tools (make test-integration)
 
@@ -197,6 +205,9 @@ def test_fifty_classes_run_the_whole_pipeline_and_stay_legible(tmp_path):
     project = copy_project(tmp_path / "project")
     set_params(project, data={"url": str(data)}, train={"epochs": 1, "batch_size": 8, **PINNED_HARDWARE},
                split={"val_fraction": 0.5, "test_fraction": 0.3333})  # a third, then half the rest: one each
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    modes_follow_train(params)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     torch_home = tmp_path / "torch_home"
     write_test_weights(torch_home, "squeezenet1_0")
     env = pipeline_env(torch_home)
