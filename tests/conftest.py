@@ -24,8 +24,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # The modules that take longest, longest first (pytest --durations): `make test` hands whole
 # modules to its workers in this order, so that the short ones fill the gaps at the end rather
 # than one long module running alone while the other cores idle.
-LONGEST_FIRST = ["test_real_data.py", "test_remote.py", "test_stages.py", "test_distributed.py", "test_pipeline.py",
-                 "test_curves.py", "test_export.py"]
+LONGEST_FIRST = ["test_real_data.py", "test_readme_commands.py", "test_remote.py", "test_stages.py",
+                 "test_distributed.py", "test_pipeline.py", "test_curves.py", "test_export.py"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
