@@ -57,6 +57,8 @@ RUN_VERBATIM = {
 }
 # README commands no test runs as written -> why not, and what runs them otherwise.
 NOT_RUN = {
+    "python benchmarks/results.py": "the main run: the whole pipeline on the real dataset, about 9 minutes on 2 "
+                                    "cores; tests/test_results.py checks the text against what it wrote",
     "make test": "the whole suite, this test among it: CI runs it (.ci/run)",
     "make install": "creates .venv and pip-installs the project from PyPI (network, ~6 GB); "
                     "`make repro` is run with this venv installed, so it skips this step",
