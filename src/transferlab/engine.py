@@ -169,8 +169,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         else:  # an empty share of a last batch: every process must step, so one image that counts nothing
             images, targets = stand_in, torch.full((1,), IGNORED, device=hw.device)
         # Mixed, the targets are class probabilities; accuracy still counts against the hard ones,
-        # the larger part of each mixed image. The stand-in is never mixed: its IGNORED target
-        # must stay an index, so that it counts nothing.
+        # the label each image started from (a noisy count: a mixed image may hold less of it than
+        # of its partner). The stand-in is never mixed: its IGNORED target must stay an index, so
+        # that it counts nothing.
         hard = targets
         if mixer and images_here:
             images, targets = mixer(images, targets)

@@ -52,7 +52,7 @@ def suggest(lrs: list[float], smoothed: list[float]) -> float:
     """The pick: a tenth of the lr at the lowest smoothed loss, after the average's first tenth of
     the sweep's steps: there it averages a handful of batches, and on a flat sweep (random weights,
     whose loss no single step at any lr lowers) one lucky first batch would be the "lowest"."""
-    skip = min(len(smoothed) - 1, STEPS // 10)
+    skip = STEPS // 10 if len(smoothed) > 2 * (STEPS // 10) else 0  # a short sweep (it diverged): all of it
     lowest = min(range(skip, len(smoothed)), key=smoothed.__getitem__)
     return lrs[lowest] / 10
 
@@ -120,7 +120,8 @@ def _cycle(batches: Callable[[], Iterable]):
 def cached_range_test(cache_dir: str | Path, identity: list, run: Callable[[], dict]) -> dict:
     """`run()`'s result, cached under `identity` (model, mode, train params but lr, data, seed):
     an unchanged re-run reads it back; a damaged cache file is measured again with a warning."""
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    # The rule is part of the key: a sweep cached under another rule holds another pick.
+    key = hashlib.sha256(json.dumps([RULE, *identity], sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = Path(cache_dir) / "lr_find" / f"lr-find-{key}.json"
     if path.exists():
         try:

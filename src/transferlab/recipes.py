@@ -110,5 +110,7 @@ class Augmenter:
         # v2's policies draw from torch's global generator: fork it, seeded from ours, so that the
         # images' augmentation is reproducible and leaves every other draw as it was.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.draws.getrandbits(63) if seed is None else seed)
+            # The CPU generator alone: torch.manual_seed would reseed an accelerator's too, which
+            # fork_rng(devices=[]) does not put back.
+            torch.default_generator.manual_seed(self.draws.getrandbits(63) if seed is None else seed)
             return self.policy(image)
