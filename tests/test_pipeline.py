@@ -222,3 +222,28 @@ def test_fifty_classes_run_the_whole_pipeline_and_stay_legible(tmp_path):
     assert len(numbers) <= 3 * 5 + 3 * 3  # not 50 x 50
     for png in ("confusion", "test_predictions", "test_accuracy"):
         assert (project / f"plots/{png}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_shipped_mode_recipes_run_through_the_pipeline(tmp_path):
+    """The other tiny projects make every mode follow `train` (modes_follow_train); this one keeps
+    params.yaml's own mode sections (AdamW, cosine and patience for scratch; finetune's and
+    extract's learning rates) and caps only the epochs, so the shipped recipes' code runs too."""
+    from conftest import tiny_project
+
+    project, env = tiny_project(tmp_path, epochs=2, batch_size=4)
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for mode in MODES:
+        params[mode] = {**shipped[mode], **({"epochs": 3} if mode == "scratch" else {})}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    commit(project, "shipped mode recipes")
+    run(["dvc", "repro"], project, env)
+    from transferlab.files import load_checkpoint
+
+    for mode in MODES:
+        trained = load_checkpoint(project / f"models/{mode}.pt")["params"]["train"]  # the settings it trained with
+        expected = {key: value for key, value in params[mode].items() if value is not None}
+        assert {key: trained[key] for key in expected} == expected, mode
+        assert trained["freeze"] == {"extract": "all"}.get(mode, "none")
+        assert json.loads((project / f"reports/train/{mode}.json").read_text())["epochs"] <= trained["epochs"]
+    assert json.loads((project / "metrics/eval.json").read_text()).keys() == set(MODES)
