@@ -39,15 +39,19 @@ def test_mixing_makes_soft_targets_that_sum_to_one_and_is_refused_for_one_class(
         BatchMixer(1, mixup_alpha=0.2)
 
 
-def test_the_weight_average_moves_by_one_minus_decay_per_update():
+def test_the_weight_average_warms_up_then_moves_by_one_minus_decay_per_update():
     model = nn.Linear(2, 1)
     ema = averaged(model, decay=0.9)
-    start = model.weight.detach().clone()
     ema.update_parameters(model)  # the first update takes the weights as they are
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    ema.update_parameters(model)
-    assert torch.allclose(ema.module.weight, start * 0.9 + (start + 1.0) * 0.1)
+    expected = model.weight.detach().clone()
+    for t in range(1, 120):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update_parameters(model)
+        decay = min(0.9, (1 + t) / (10 + t))  # 2/11 at the second update; 0.9 from the 80th on
+        expected = expected * decay + model.weight.detach() * (1 - decay)
+        assert torch.allclose(ema.module.weight, expected), t
+    assert (1 + 119) / (10 + 119) > 0.9  # the last updates ran at the decay asked for
 
 
 @pytest.mark.parametrize("name", ["trivialaugment", "randaugment"])

@@ -81,10 +81,23 @@ class BatchMixer:
 
 def averaged(model: nn.Module, decay: float) -> nn.Module:
     """An exponential moving average of `model`'s weights (and its BatchNorm statistics), updated
-    by `.update_parameters(model)` after each optimizer step."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    by `.update_parameters(model)` after each optimizer step. Its decay warms up as TensorFlow's
+    ExponentialMovingAverage's does, min(decay, (1 + t) / (10 + t)) at the t-th update: a small
+    dataset trains for a few hundred steps, and 0.999 from the first would keep the average near
+    the untrained start for all of them."""
+    from torch.optim.swa_utils import AveragedModel
 
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    @torch.no_grad()
+    def update(average: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
+        step = float(updates)  # updates before this one: the first update copied the weights
+        rate = 1 - min(decay, (1 + step) / (10 + step))
+        if torch.is_floating_point(average[0]):
+            torch._foreach_lerp_(average, current, rate)
+        else:  # integer buffers (BatchNorm's batch count)
+            for mean, now in zip(average, current):
+                mean.copy_(mean * (1 - rate) + now * rate)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def augmenter(name: str, seed: int) -> Augmenter | None:
