@@ -101,14 +101,19 @@ def missing_tests(run_by: dict[str, str]) -> list[str]:
 
 def _runs(command: str, file: str, name: str) -> bool:
     """Whether `file` defines test function `name` at its top level (a parametrized id: its
-    function) and holds `command` as one string literal (adjacent literals, as a long line splits, are one)."""
+    function) and holds `command` as one string literal (adjacent literals, as a long line splits,
+    are one) in that function or in a top-level function it names: a fixture it takes, a helper it
+    calls. Not anywhere else in the file: another test's run of the command does not count."""
     path = ROOT / file
     if not name.startswith("test") or not path.is_file():
         return False
-    tree = ast.parse(path.read_text())
-    functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
-    literals = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
-    return name.split("[")[0] in functions and command in literals
+    functions = {node.name: node for node in ast.parse(path.read_text()).body if isinstance(node, ast.FunctionDef)}
+    test = functions.get(name.split("[")[0])
+    if test is None:
+        return False
+    named = {arg.arg for arg in test.args.args} | {node.id for node in ast.walk(test) if isinstance(node, ast.Name)}
+    bodies = [test, *(functions[n] for n in named & functions.keys())]
+    return any(isinstance(node, ast.Constant) and node.value == command for body in bodies for node in ast.walk(body))
 
 
 def test_every_readme_command_is_run_as_written_or_says_why_not():
@@ -129,7 +134,8 @@ def test_a_renamed_or_deleted_test_is_reported_missing():
     run_by = {"dvc push": this + "test_a_renamed_or_deleted_test_is_reported_missing",
               "make test": this + "test_renamed_away", "git push": "tests/test_deleted.py::test_x",
               "dvc pull": "tests/test_readme.py",
-              "dvc" + " gc": this + "test_each_test_named_to_run_a_command_exists_and_holds_it"}  # not a literal here
+              "dvc" + " gc": this + "test_each_test_named_to_run_a_command_exists_and_holds_it",  # not a literal here
+              "make install": this + "test_commands_are_read_from_blocks_and_inline_code"}  # in another test
     assert missing_tests(run_by) == list(run_by.values())[1:]
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -37,3 +38,12 @@ def test_a_changed_number_fails_the_check():
     first = RESULTS["runs"][0]["modes"]["finetune"]["accuracy"]
     changed = text.replace(f"{first:.3f}", f"{first - 0.01:.3f}")
     assert [content == render(RESULTS, name) for name, content in blocks(changed)] == [False]
+
+
+def test_the_results_come_from_the_shipped_params():
+    """The quoted run is the project as shipped: params.yaml with lite0 and the local archive, and
+    no other key changed (a stale results file, or one run with --set, fails here)."""
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
+    ran = RESULTS["params"]
+    assert ran["model"] == "efficientnet_lite0" and RESULTS["sets"] == []
+    assert {**ran, "model": shipped["model"], "data": shipped["data"]} == {**shipped, "seed": ran["seed"]}
