@@ -126,7 +126,7 @@ def line_colours(ax):
 def test_every_figure_colours_a_mode_with_its_one_colour(tmp_path):
     curves = plot_curves({m: {"train": ([1, 2], [1.0, 0.5]), "val": ([1, 2], [1.1, 0.7])} for m in MODES},
                          "loss, resnet18", "cross-entropy", tmp_path / "loss.png")
-    learning = plot_learning_curve(curve_rows(), tmp_path / "curve.png")
+    learning = plot_learning_curve(curve_rows(), tmp_path / "curve.png", "resnet18")
     for fig in (curves, learning):
         colours = line_colours(fig.axes[0])
         assert set(colours) == set(MODES) and all(same_color(colours[m], MODE_COLOURS[m]) for m in MODES)
@@ -159,9 +159,10 @@ def test_test_accuracy_title_names_the_model_and_each_modes_epochs(tmp_path):
 
 
 def test_learning_curve_ticks_are_the_sizes_asked(tmp_path):
-    ax = plot_learning_curve(curve_rows(), tmp_path / "curve.png").axes[0]
+    ax = plot_learning_curve(curve_rows(), tmp_path / "curve.png", "resnet18").axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "5", "10", "all (≈98)"]
     assert list(ax.get_xticks()) == [2, 5, 10, 97.5]  # "all" sits at the mean count it drew
+    assert ax.get_title().startswith("resnet18 learning curve: mean of 3 seeds")
 
 
 def test_leaderboard_says_what_it_compares_with_a_legend_for_modes_and_front(tmp_path):

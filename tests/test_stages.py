@@ -54,26 +54,25 @@ def restore_params(project: Path) -> None:
     git(project, "checkout", "--", "params.yaml")
 
 
-def test_bad_params_through_dvc_exp_run_keep_every_output(finished):
+def assert_refused(finished, setting: str, *messages: str) -> None:
+    """`dvc exp run -S setting` fails, says each of `messages`, and loses nothing of the last run."""
     project, env, good = finished
-    result = run(["dvc", "exp", "run", "-S", "train.lr=fast"], project, env, check=False)
+    result = run(["dvc", "exp", "run", "-S", setting], project, env, check=False)
     restore_params(project)
     assert result.returncode != 0
-    message = result.stderr + result.stdout
-    assert "params.yaml: train.lr: expected a number, got 'fast'" in message
-    assert "unchanged, as the last finished run left them: models/" in message
+    said = result.stderr + result.stdout
+    assert [m for m in messages if m not in said] == [], said
     assert_nothing_lost(project, good)
+
+
+def test_bad_params_through_dvc_exp_run_keep_every_output(finished):
+    assert_refused(finished, "train.lr=fast", "params.yaml: train.lr: expected a number, got 'fast'",
+                   "unchanged, as the last finished run left them: models/")
 
 
 def test_missing_data_url_keeps_data_raw(finished):
-    project, env, good = finished
-    result = run(["dvc", "exp", "run", "-S", f"data.url={project / 'no-such.zip'}"], project, env, check=False)
-    restore_params(project)
-    assert result.returncode != 0
-    message = result.stderr + result.stdout
-    assert "no-such.zip: no such file" in message and "Nothing was changed" in message
-    assert "unchanged, as the last finished run left them: data/raw/, data/fetch.json" in message
-    assert_nothing_lost(project, good)
+    assert_refused(finished, f"data.url={finished[0] / 'no-such.zip'}", "no-such.zip: no such file",
+                   "Nothing was changed", "unchanged, as the last finished run left them: data/raw/, data/fetch.json")
 
 
 def test_ctrl_c_mid_epoch_under_dvc_repro_keeps_every_output(finished):
@@ -287,15 +286,9 @@ def test_training_recipes_through_dvc_exp_run_and_compare_ranks_them(finished, t
 def test_mixing_cached_embeddings_is_refused_through_dvc_exp_run_and_keeps_every_output(finished):
     """train.mixup_alpha reaches extract, whose head trains on cached embeddings: refused before any
     work, naming the mode's key and the fix."""
-    project, env, good = finished
-    result = run(["dvc", "exp", "run", "-S", "train.mixup_alpha=0.2"], project, env, check=False)
-    restore_params(project)
-    assert result.returncode != 0
-    message = result.stderr + result.stdout
-    assert "params.yaml: extract.mixup_alpha: is 0.2, but mixup and cutmix mix images" in message
-    assert "set extract.cache_features: false" in message
-    assert "unchanged, as the last finished run left them: models/" in message
-    assert_nothing_lost(project, good)
+    assert_refused(finished, "train.mixup_alpha=0.2",
+                   "params.yaml: extract.mixup_alpha: is 0.2, but mixup and cutmix mix images",
+                   "set extract.cache_features: false", "unchanged, as the last finished run left them: models/")
 
 
 def test_regularisation_recipes_through_dvc_exp_run(finished):

@@ -251,7 +251,7 @@ def plot_predictions(predictions: list, path: str | Path, title: str, columns: i
     _save(fig, Path(path))
 
 
-def plot_learning_curve(rows: list[dict], path: Path) -> Figure:
+def plot_learning_curve(rows: list[dict], path: Path, model: str) -> Figure:
     """Test accuracy against training images per class (log x), one line per mode, with the 95%
     interval over seeds and test images as a band. A tick is a size asked, at the mean count
     drawn; `all` says that count ("all (≈97)"). Returns the figure written."""
@@ -273,7 +273,7 @@ def plot_learning_curve(rows: list[dict], path: Path) -> Figure:
     ax.set_xlabel("training images per class (log scale)")
     ax.set_ylabel("test accuracy")
     seeds = max(len(row["seeds"]) for row in rows)
-    ax.set_title(f"learning curve: mean of {seeds} seeds, 95% band over seeds and test images", fontsize=10)
+    ax.set_title(f"{model} learning curve: mean of {seeds} seeds, 95% band over seeds and test images", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)

@@ -45,8 +45,8 @@ def point(size: str, mode: str, seed: int) -> None:
     # may change while the images stay the same, and re-runs no point.
     classes = sorted({s.label for split in samples.values() for s in split})
     rows, drawn = training_rows(samples["train"], None if size == "all" else int(size), seed, budget)
-    record = {"mode": mode, "images_per_class": size if size == "all" else int(size), "seed": seed, "drawn": drawn,
-              "budget": budget, "test_images": samples_digest(samples["test"])}
+    record = {"model": params.model, "mode": mode, "images_per_class": size if size == "all" else int(size),
+              "seed": seed, "drawn": drawn, "budget": budget, "test_images": samples_digest(samples["test"])}
     if size != "all" and drawn["everything"]:
         write_json(point_path(mode, size, seed), {**record, "same_as": "all"})
         print(f"{mode}, {size} images per class, seed {seed}: every class has at most {size} training images, so "
