@@ -1,4 +1,6 @@
 """The leaderboard's statistics on constructed predictions: pooling seeds, the paired test, verdicts."""
+import json
+
 import numpy as np
 import pytest
 
@@ -59,6 +61,20 @@ def test_seeds_pool_into_one_row_per_model_mode_and_differing_param():
     assert all(r["p_value"] >= r["p_unadjusted"] for r in rows[1:])  # Holm: never below the raw p
     table = markdown(rows)
     assert table.count("\n") == len(rows) + 2 and "**best**" in table
+
+
+def test_an_experiment_that_left_a_mode_unchanged_does_not_count_its_seed_twice():
+    """Two seeds, then an experiment per seed that changed only finetune's keys: DVC carried the
+    extract outputs over, so extract has two seeds, not four."""
+    rng = np.random.default_rng(1)
+    extract = {s: rng.random(60) < 0.8 for s in (1, 2)}
+    base = [run(f"base-{s}", "lite0", s, {"finetune": rng.random(60) < 0.9, "extract": extract[s]},
+                **{"finetune.label_smoothing": None}) for s in (1, 2)]
+    smoothed = [run(f"smooth-{s}", "lite0", s, {"finetune": rng.random(60) < 0.9, "extract": extract[s]},
+                    **{"finetune.label_smoothing": 0.1}) for s in (1, 2)]
+    rows = {(r["mode"], json.dumps(r["params"])): r for r in leaderboard(base + smoothed)}
+    assert rows[("extract", "{}")]["seeds"] == 2 and rows[("extract", "{}")]["runs"] == ["base-1", "base-2"]
+    assert [rows[("finetune", json.dumps({"finetune.label_smoothing": v}))]["seeds"] for v in (None, 0.1)] == [2, 2]
 
 
 def test_different_test_sets_are_an_error_that_says_so():

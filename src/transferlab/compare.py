@@ -2,7 +2,7 @@
 
 Every run (a DVC experiment or a git revision) is read from git, never re-run and never checked
 out: its params, its test predictions per mode, and its reports. Runs that differ only in `seed`
-are pooled into one row per (model, mode, other differing params). Rows are compared on the same
+are pooled into one row per (model, mode, other differing params), each seed once. Rows are compared on the same
 test images:
 
 - the accuracy interval is a hierarchical bootstrap: seeds and test images both resampled, so it
@@ -160,15 +160,18 @@ def leaderboard(runs: list[Run], seed: int = 0) -> list[dict]:
                         "commit), then compare")
     check_same_test_set(runs)
     modes = {mode for run in runs for mode in run.modes}
-    groups: dict[tuple, list[tuple[Run, ModeResult]]] = {}
+    # A row's runs by seed: a second run with a seed its row already holds is the same training
+    # (an experiment that changed only another mode's keys carries this mode's outputs unchanged),
+    # and counting it again would pass one seed off as two.
+    groups: dict[tuple, dict[object, tuple[Run, ModeResult]]] = {}
     for mode in sorted(modes):
         keys = differing_params(runs, mode, modes)
         for run in runs:
             if mode in run.modes:
                 key = (run.params.get("model"), mode, tuple((k, json.dumps(run.params.get(k))) for k in keys))
-                groups.setdefault(key, []).append((run, run.modes[mode]))
+                groups.setdefault(key, {}).setdefault(json.dumps(run.params.get("seed")), (run, run.modes[mode]))
     rng = np.random.default_rng(seed)
-    rows = [summarise(key, members, rng) for key, members in groups.items()]
+    rows = [summarise(key, list(members.values()), rng) for key, members in groups.items()]
     rows.sort(key=lambda row: -row["accuracy_mean"])
     best = rows[0]
     best["best"], best["verdict"], best["p_value"] = True, "best", None
