@@ -128,8 +128,9 @@ def prepare(built: BuiltModel, classes: list[str], samples: dict[str, list[Sampl
                     infer_batch=infer_batch, processes=world.size)
 
     def input_seconds(tensor: bool) -> float:
-        return time_inputs(source, samples["train"], classes, pre, train.batch_size, hw, tensor)
-    key = [built.arch, sum(p.numel() for p in trainable_parameters(built.model)), world.size]
+        return time_inputs(source, samples["train"], classes, pre, train.batch_size, hw, tensor, train.augment)
+    # augment: a policy's per-image cost differs between the input paths, so it is part of the decision.
+    key = [built.arch, sum(p.numel() for p in trainable_parameters(built.model)), world.size, train.augment]
     decided = world.broadcast(decide(hw, work, cache_dir, key, input_seconds) if world.main else None)
     hw = replace(decided, device=hw.device)  # each process keeps its own GPU
     if not (world.main and hw.decision.get("measured_now")):
@@ -295,9 +296,11 @@ def as_saved(hw: Hardware, settings: dict) -> Hardware:
 
 
 def time_inputs(source: ImageSource, samples: list[Sample], classes: list[str], pre, batch_size: int,
-                hw: Hardware, tensor: bool, batches: int = 4) -> float:
-    """Seconds per image to produce augmented training batches one way or the other."""
-    loader = iter(source.batches(samples, classes, pre, batch_size, True, 0, hw, tensor_batches=tensor))
+                hw: Hardware, tensor: bool, augment: str = "none", batches: int = 4) -> float:
+    """Seconds per image to produce augmented training batches one way or the other, with the
+    run's own `augment` policy."""
+    loader = iter(source.batches(samples, classes, pre, batch_size, True, 0, hw, tensor_batches=tensor,
+                                 augment=augment))
     next(loader)  # warm-up: first reads of the store, first calls
     start, images = time.perf_counter(), 0
     for _, (batch, _) in zip(range(batches), loader):
