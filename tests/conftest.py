@@ -171,7 +171,8 @@ PINNED_HARDWARE = {"precision": "fp32", "channels_last": False, "tensor_batches"
 # The keys with which params.yaml gives a mode a recipe of its own (scratch's longer cap, extract's
 # lr range test): in a test's tiny project every mode trains as its `train` says, so that a run
 # takes seconds and a test sets the one key it is about. tests/test_real_data.py runs the recipes.
-MODE_RECIPE = ("epochs", "patience", "optimizer", "lr", "weight_decay", "scheduler", "augment", "label_smoothing")
+MODE_RECIPE = ("epochs", "patience", "min_epochs", "optimizer", "lr", "weight_decay", "scheduler", "augment",
+               "label_smoothing")
 
 
 def modes_follow_train(params: dict) -> None:

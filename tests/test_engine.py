@@ -307,6 +307,8 @@ def test_patience_stops_a_run_whose_val_stops_improving(loaders_data):
     assert [r["epoch"] for r in stopped.history] == [1, 2, 3] and stopped.stopped_early and stopped.best_epoch == 1
     learning, *_ = run_fit(loaders_data, epochs=3, patience=2)
     assert len(learning.history) == 3 and not learning.stopped_early
+    held, *_ = run_fit(loaders_data, epochs=8, lr=0.0, patience=2, min_epochs=5)  # not before epoch 5
+    assert [r["epoch"] for r in held.history] == [1, 2, 3, 4, 5] and held.stopped_early and held.best_epoch == 1
 
 
 def test_a_run_resumed_before_its_early_stop_stops_where_an_uninterrupted_one_does(loaders_data, tmp_path):

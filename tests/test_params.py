@@ -26,8 +26,8 @@ def test_project_params_load_with_tutorial_defaults():
     assert (params.finetune.lr, params.finetune.patience, params.finetune.epochs) == (0.003, 5, 15)
     assert (params.extract.lr, params.extract.patience, params.extract.freeze) == (0.01, 5, "all")
     scratch = params.for_mode("scratch")
-    assert (scratch.optimizer, scratch.lr, scratch.scheduler, scratch.epochs, scratch.patience) == (
-        "adamw", 0.003, "cosine", 40, 10)
+    assert (scratch.optimizer, scratch.lr, scratch.scheduler, scratch.epochs, scratch.patience, scratch.min_epochs) == (
+        "adamw", 0.003, "cosine", 40, 10, 20)
 
 
 def test_mode_overrides_apply_to_that_mode_only(raw):

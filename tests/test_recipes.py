@@ -17,6 +17,23 @@ def test_patience_stops_after_that_many_checks_without_a_better_val():
     assert not any(EarlyStopping(patience=0).should_stop(0.5, 1.0) for _ in range(10))  # 0: never
 
 
+def test_min_epochs_holds_patience_back_until_then():
+    """Val flat at chance from the first epoch (as scratch sits while it starts to learn): patience
+    2 alone stops at the third check; with min_epochs 6, at the sixth, and a better check before
+    then starts the wait afresh."""
+    flat = [(0.5, 0.7)] * 10
+    alone = EarlyStopping(patience=2)
+    assert [alone.should_stop(*v) for v in flat[:3]] == [False, False, True]
+    stop = EarlyStopping(patience=2, min_epochs=6)
+    assert [stop.should_stop(*v) for v in flat[:6]] == [False] * 5 + [True]
+    learning = EarlyStopping(patience=2, min_epochs=6)
+    checks = [(0.5, 0.7)] * 4 + [(0.8, 0.5)] + [(0.5, 0.7)] * 2  # better at the fifth: stops at the seventh
+    assert [learning.should_stop(*v) for v in checks] == [False] * 6 + [True]
+    again = EarlyStopping(patience=2, min_epochs=6)
+    again.load_state_dict(learning.state_dict())
+    assert again == learning
+
+
 def test_label_smoothing_changes_the_loss_as_its_definition_says():
     logits, targets = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([0])
     plain, smoothed = criterion(0.0)(logits, targets), criterion(0.3)(logits, targets)

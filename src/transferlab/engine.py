@@ -272,10 +272,10 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optim
         epochs: int, hw: Hardware, aux_loss_weight: float = 0.4,
         on_epoch: Callable[[dict], None] = lambda record: None, resume_path: str | Path | None = None,
         world: World = SINGLE, saved: dict | None = None, patience: int = 0, loss: nn.Module | None = None,
-        mixer: BatchMixer | None = None, ema_decay: float = 0.0) -> FitResult:
+        mixer: BatchMixer | None = None, ema_decay: float = 0.0, min_epochs: int = 0) -> FitResult:
     """Train for `epochs`, keeping the weights of the epoch with the best val accuracy (then loss);
-    with `patience`, stop once that many validation checks in a row found none better
-    (recipes.EarlyStopping): `epochs` is then the cap. A schedule planned over `epochs` (step,
+    with `patience`, stop once that many validation checks in a row found none better, but not
+    before `min_epochs` (recipes.EarlyStopping): `epochs` is then the cap. A schedule planned over `epochs` (step,
     cosine, onecycle) is cut where the run stops: its lr never reaches the schedule's end, and the
     best epoch is what counts.
 
@@ -300,7 +300,7 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optim
     scored = model if ema is None else ema.module  # what val scores and the best epoch keeps
     stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "ema": ema}
     generators = loader_generators(train_loader) + loader_generators(val_loader)
-    result, stopping = FitResult(), EarlyStopping(patience)
+    result, stopping = FitResult(), EarlyStopping(patience, min_epochs)
     if saved is None:
         saved = load_resume(resume_path, world)
     if saved is not None:

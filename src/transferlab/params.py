@@ -91,6 +91,7 @@ class TrainParams:
     feature_views: int
     resume: bool
     patience: int = 0  # validation checks without a better one that end a run (epochs: the cap); 0: never
+    min_epochs: int = 0  # patience stops no run before this many epochs (Lightning's min_epochs)
     label_smoothing: float = 0.0  # the training loss's (val's stays plain cross-entropy)
     mixup_alpha: float = 0.0  # 0: off
     cutmix_alpha: float = 0.0  # 0: off; with both set, each batch takes one of them
@@ -103,6 +104,7 @@ class TrainParams:
             _require(value > 0, f"{key}.{name}", f"is {value}; it must be greater than 0")
         _require(self.lr == "find" or self.lr > 0, f"{key}.lr", f"is {self.lr}; it must be greater than 0, or find")
         _require(self.patience >= 0, f"{key}.patience", f"is {self.patience}; use 0 (never stop early) or more")
+        _require(self.min_epochs >= 0, f"{key}.min_epochs", f"is {self.min_epochs}; use 0 (patience alone) or more")
         _require(not (self.lr == "find" and self.head_epochs), f"{key}.lr",
                  "is find, which picks the lr of the whole network's training; with head_epochs the head's own "
                  "phase needs a number: give lr, or set head_epochs: 0")

@@ -29,25 +29,31 @@ AUGMENTATIONS = ("none", "trivialaugment", "randaugment")
 @dataclass
 class EarlyStopping:
     """Stop after `patience` validation checks without a better val accuracy (ties broken by a
-    lower loss, as the best epoch is picked); patience 0: never stop early."""
+    lower loss, as the best epoch is picked), but not before `min_epochs` checks (Lightning's
+    min_epochs): a network trained from random weights can sit at chance for its first epochs
+    while its training loss falls, and patience alone would end it there. patience 0: never stop
+    early."""
     patience: int
+    min_epochs: int = 0
     best: tuple[float, float] | None = None
     waited: int = 0
+    checks: int = 0
 
     def should_stop(self, accuracy: float, loss: float) -> bool:
         score = (accuracy, -loss)
+        self.checks += 1
         if self.best is None or score > self.best:
             self.best, self.waited = score, 0
         else:
             self.waited += 1
-        return self.patience > 0 and self.waited >= self.patience
+        return self.patience > 0 and self.waited >= self.patience and self.checks >= self.min_epochs
 
     def state_dict(self) -> dict:
-        return {"best": list(self.best) if self.best else None, "waited": self.waited}
+        return {"best": list(self.best) if self.best else None, "waited": self.waited, "checks": self.checks}
 
     def load_state_dict(self, state: dict) -> None:
         self.best = tuple(state["best"]) if state["best"] else None
-        self.waited = state["waited"]
+        self.waited, self.checks = state["waited"], state["checks"]
 
 
 def criterion(label_smoothing: float = 0.0) -> nn.CrossEntropyLoss:

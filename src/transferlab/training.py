@@ -241,6 +241,7 @@ def train_mode(model_name: str, mode: str, train: TrainParams, seed: int, classe
     optimizer, scheduler = optimizer_and_scheduler(model, built, train, len(train_loader), hw)
     result = fit(model, train_loader, val_loader, optimizer, scheduler, train.epochs, hw, train.aux_loss_weight,
                  resume_path=resume_path, world=world, saved=saved, patience=train.patience,
+                 min_epochs=train.min_epochs,
                  loss=criterion(train.label_smoothing), mixer=mixer, ema_decay=train.ema_decay)
     result.after(head_history)
     if world.main:
