@@ -212,17 +212,19 @@ def main() -> None:
             for project, into in (order if i % 2 == 0 else order[::-1]):
                 into.append(run_seed(project, seed, env))
                 print(json.dumps(into[-1]), flush=True)
-            if i == 0:
-                for source, dest in FIGURES.items():
-                    shutil.copy2(shipped / "plots" / source, ROOT / "docs" / dest)
+            if i == 0:  # the first seed's figures, published with the results file below
+                figures = work / "figures"
+                shutil.copytree(shipped / "plots", figures)
         params = yaml.safe_load((shipped / "params.yaml").read_text())
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    results = {"machine": machine(), "date": datetime.date.today().isoformat(), "commit": commit,
-               "model": "efficientnet_lite0", "sets": args.set, "params": params, "runs": runs,
-               "verdicts": verdicts(runs, baseline)}
-    if tutorial:
-        results["baseline"] = {"name": "tutorial", "sets": sets, "runs": baseline}
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        results = {"machine": machine(), "date": datetime.date.today().isoformat(), "commit": commit,
+                   "model": "efficientnet_lite0", "sets": args.set, "params": params, "runs": runs,
+                   "verdicts": verdicts(runs, baseline)}
+        if tutorial:
+            results["baseline"] = {"name": "tutorial", "sets": sets, "runs": baseline}
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        for source, dest in FIGURES.items():  # the figures and the numbers they show, together
+            shutil.copy2(figures / source, ROOT / "docs" / dest)
     for name in ("main", "tutorial") if tutorial else ("main",):
         print(render(results, name))
 

@@ -15,7 +15,8 @@ again). The recipes: label smoothing 0.1, mixup 0.2, cutmix 1.0, TrivialAugment,
 Then every run is read back from git as `transferlab compare` reads it, and per mode and recipe
 printed: the mean test accuracy over the seeds with its 95% interval (seeds and test images
 resampled, compare's bootstrap), and the recipe against that mode's baseline, paired on test
-images and seeds (metrics.judge, compare's test; Holm over the mode's recipes). The test split is
+images, each row's seed-to-seed spread counted (metrics.judge, compare's test; Holm over the
+mode's recipes). The test split is
 read here, and nothing is chosen on it: this measures effects, it does not tune (the defaults
 were chosen on val, benchmarks/recipes.py). --out appends the rows as JSON lines.
 """
@@ -75,11 +76,14 @@ def main() -> None:
         set_params(project, model="efficientnet_lite0", split={"train_per_class": args.per_class},
                    train={"precision": "fp32", "channels_last": True, "tensor_batches": True})
         env = bench_env(work)
+        with open(project / ".gitignore", "a") as f:
+            f.write("/data/cache/\n/dvc_plots/\n")  # machine-local; every other output goes to git
         baselines, runs = [], {}
         for seed in args.seeds:
             set_params(project, seed=seed)
             wall = dvc(["repro"], project, env)
-            subprocess.run(GIT + ["commit", "-qam", f"seed {seed}"], cwd=project, check=True)
+            subprocess.run(["git", "add", "-A"], cwd=project, check=True)  # dvc.lock, metrics, reports, logs, plots
+            subprocess.run(GIT + ["commit", "-qm", f"seed {seed}"], cwd=project, check=True)
             baselines.append(resolve("HEAD", project))
             print(f"seed {seed}: baseline {wall:.0f} s", flush=True)
             experiments = {name: [f"++{mode}.{setting}" for mode in args.modes] for name, setting in RECIPES.items()}

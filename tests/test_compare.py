@@ -63,7 +63,7 @@ def test_seeds_pool_into_one_row_per_model_mode_and_differing_param():
     assert table.count("\n") == len(rows) + 2 and "**best**" in table
 
 
-def test_an_experiment_that_left_a_mode_unchanged_does_not_count_its_seed_twice():
+def test_an_experiment_that_left_a_mode_unchanged_does_not_count_its_seed_twice(capsys):
     """Two seeds, then an experiment per seed that changed only finetune's keys: DVC carried the
     extract outputs over, so extract has two seeds, not four."""
     rng = np.random.default_rng(1)
@@ -75,6 +75,15 @@ def test_an_experiment_that_left_a_mode_unchanged_does_not_count_its_seed_twice(
     rows = {(r["mode"], json.dumps(r["params"])): r for r in leaderboard(base + smoothed)}
     assert rows[("extract", "{}")]["seeds"] == 2 and rows[("extract", "{}")]["runs"] == ["base-1", "base-2"]
     assert [rows[("finetune", json.dumps({"finetune.label_smoothing": v}))]["seeds"] for v in (None, 0.1)] == [2, 2]
+    # The same seed and params, other answers (a code change between the two): both count, and a
+    # warning says so.
+    rerun = run("rerun-1", "lite0", 1, {"finetune": ~base[0].modes["finetune"].right, "extract": extract[1]},
+                **{"finetune.label_smoothing": None})
+    capsys.readouterr()
+    rows = {(r["mode"], json.dumps(r["params"])): r for r in leaderboard(base + smoothed + [rerun])}
+    assert rows[("finetune", json.dumps({"finetune.label_smoothing": None}))]["seeds"] == 3
+    assert rows[("extract", "{}")]["seeds"] == 2
+    assert "finetune: runs base-1, rerun-1 share a seed but answer differently" in capsys.readouterr().err
 
 
 def test_different_test_sets_are_an_error_that_says_so():

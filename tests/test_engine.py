@@ -321,6 +321,10 @@ def test_a_run_resumed_before_its_early_stop_stops_where_an_uninterrupted_one_do
     assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in uninterrupted.history]
     again, *_ = run_fit(loaders_data, epochs=8, lr=0.0, patience=2, resume_path=resume)  # stopped, not yet written
     assert [r["epoch"] for r in again.history] == [1, 2, 3] and again.stopped_early
+    held = tmp_path / "held.pt"  # min_epochs: the replayed checks count towards it
+    run_fit(loaders_data, epochs=2, lr=0.0, patience=2, min_epochs=5, resume_path=held)
+    resumed, *_ = run_fit(loaders_data, epochs=8, lr=0.0, patience=2, min_epochs=5, resume_path=held)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4, 5] and resumed.stopped_early
 
 
 def same_run(a: FitResult, b: FitResult) -> bool:
@@ -363,8 +367,9 @@ def test_validation_scores_and_the_best_epoch_keeps_the_weights_average(loaders_
                                                    {k: v.detach().clone() for k, v in m.state_dict().items()}))
     assert len(steps) == 6  # 24 images in batches of 4
     average = dict(steps[0])
-    for weights in steps[1:]:
-        average = {k: v if not v.is_floating_point() else decay * v + (1 - decay) * weights[k]
+    for n, weights in enumerate(steps[1:], start=1):  # n: the updates before this one (recipes.averaged)
+        rate = 1 - min(decay, (1 + n) / (10 + n))
+        average = {k: v if not v.is_floating_point() else (1 - rate) * v + rate * weights[k]
                    for k, v in average.items()}
     floats = [name for name, value in average.items() if value.is_floating_point()]  # BatchNorm's statistics too
     assert all(torch.allclose(result.best_state[name], average[name], atol=1e-6) for name in floats)

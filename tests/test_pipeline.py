@@ -245,5 +245,4 @@ def test_the_shipped_mode_recipes_run_through_the_pipeline(tmp_path):
         expected = {key: value for key, value in params[mode].items() if value is not None}
         assert {key: trained[key] for key in expected} == expected, mode
         assert trained["freeze"] == {"extract": "all"}.get(mode, "none")
-        assert json.loads((project / f"reports/train/{mode}.json").read_text())["epochs"] <= trained["epochs"]
     assert json.loads((project / "metrics/eval.json").read_text()).keys() == set(MODES)

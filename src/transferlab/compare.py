@@ -160,16 +160,23 @@ def leaderboard(runs: list[Run], seed: int = 0) -> list[dict]:
                         "commit), then compare")
     check_same_test_set(runs)
     modes = {mode for run in runs for mode in run.modes}
-    # A row's runs by seed: a second run with a seed its row already holds is the same training
-    # (an experiment that changed only another mode's keys carries this mode's outputs unchanged),
-    # and counting it again would pass one seed off as two.
-    groups: dict[tuple, dict[object, tuple[Run, ModeResult]]] = {}
+    # A row's runs by seed and answers: a run with a seed its row holds and the same right answers
+    # on every test image is the same training (an experiment that changed only another mode's
+    # keys carries this mode's outputs over), and counting it again would pass one seed off as two.
+    groups: dict[tuple, dict[tuple, tuple[Run, ModeResult]]] = {}
     for mode in sorted(modes):
         keys = differing_params(runs, mode, modes)
         for run in runs:
             if mode in run.modes:
                 key = (run.params.get("model"), mode, tuple((k, json.dumps(run.params.get(k))) for k in keys))
-                groups.setdefault(key, {}).setdefault(json.dumps(run.params.get("seed")), (run, run.modes[mode]))
+                same = (json.dumps(run.params.get("seed")), run.modes[mode].right.tobytes())
+                groups.setdefault(key, {}).setdefault(same, (run, run.modes[mode]))
+    for key, members in groups.items():
+        seeds = [run_seed for run_seed, _ in members]
+        for shared in sorted({s for s in seeds if seeds.count(s) > 1}):  # other answers: code, data or hardware
+            labels = [run.label for (run_seed, _), (run, _) in members.items() if run_seed == shared]
+            warn(f"{key[1]}: runs {', '.join(labels)} share a seed but answer differently (changed code, data or "
+                 f"hardware settings?); each counts as a run of its own")
     rng = np.random.default_rng(seed)
     rows = [summarise(key, list(members.values()), rng) for key, members in groups.items()]
     rows.sort(key=lambda row: -row["accuracy_mean"])

@@ -344,8 +344,8 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optim
                   f"val loss {val.loss:.4f} acc {val.accuracy:.4f} | {train.images_per_second:.1f} img/s",
                   flush=True)
             if result.stopped_early:
-                print(f"stopped early: no better val in {patience} epochs; the best is epoch {result.best_epoch}",
-                      flush=True)
+                print(f"stopped early: no better val in {stopping.waited} epochs; the best is epoch "
+                      f"{result.best_epoch}", flush=True)
         on_epoch(record)
     return result
 

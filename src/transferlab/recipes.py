@@ -53,7 +53,7 @@ class EarlyStopping:
 
     def load_state_dict(self, state: dict) -> None:
         self.best = tuple(state["best"]) if state["best"] else None
-        self.waited, self.checks = state["waited"], state["checks"]
+        self.waited, self.checks = state["waited"], state.get("checks", 0)
 
 
 def criterion(label_smoothing: float = 0.0) -> nn.CrossEntropyLoss:
@@ -87,18 +87,19 @@ class BatchMixer:
 
 def averaged(model: nn.Module, decay: float) -> nn.Module:
     """An exponential moving average of `model`'s weights (and its BatchNorm statistics), updated
-    by `.update_parameters(model)` after each optimizer step. Its decay warms up as TensorFlow's
-    ExponentialMovingAverage's does, min(decay, (1 + t) / (10 + t)) at the t-th update: a small
-    dataset trains for a few hundred steps, and 0.999 from the first would keep the average near
-    the untrained start for all of them."""
+    by `.update_parameters(model)` after each optimizer step. The first update copies the weights;
+    each later one moves the average by 1 - min(decay, (1 + n) / (10 + n)) towards them, n being
+    the updates before it (TensorFlow's ExponentialMovingAverage rule with num_updates = n): a
+    small dataset trains for a few hundred steps, and 0.999 from the start would keep the average
+    near the untrained weights for all of them. The rate is computed on the device, so a GPU
+    step does not wait for the host."""
     from torch.optim.swa_utils import AveragedModel
 
     @torch.no_grad()
     def update(average: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
-        step = float(updates)  # updates before this one: the first update copied the weights
-        rate = 1 - min(decay, (1 + step) / (10 + step))
+        rate = 1 - torch.clamp((1 + updates.double()) / (10 + updates.double()), max=decay)
         if torch.is_floating_point(average[0]):
-            torch._foreach_lerp_(average, current, rate)
+            torch._foreach_lerp_(average, current, [rate.to(average[0].dtype)] * len(average))
         else:  # integer buffers (BatchNorm's batch count)
             for mean, now in zip(average, current):
                 mean.copy_(mean * (1 - rate) + now * rate)

@@ -129,8 +129,10 @@ def prepare(built: BuiltModel, classes: list[str], samples: dict[str, list[Sampl
 
     def input_seconds(tensor: bool) -> float:
         return time_inputs(source, samples["train"], classes, pre, train.batch_size, hw, tensor, train.augment)
-    # augment: a policy's per-image cost differs between the input paths, so it is part of the decision.
-    key = [built.arch, sum(p.numel() for p in trainable_parameters(built.model)), world.size, train.augment]
+    # A policy's per-image cost differs between the input paths, so it is part of the decision
+    # (only when set: decisions cached without one stay valid).
+    key = [built.arch, sum(p.numel() for p in trainable_parameters(built.model)), world.size]
+    key += [train.augment] if train.augment != "none" else []
     decided = world.broadcast(decide(hw, work, cache_dir, key, input_seconds) if world.main else None)
     hw = replace(decided, device=hw.device)  # each process keeps its own GPU
     if not (world.main and hw.decision.get("measured_now")):
@@ -227,8 +229,8 @@ def train_mode(model_name: str, mode: str, train: TrainParams, seed: int, classe
     found = None
     if train.lr == "find":  # Smith's range test on this mode's own start, before training
         # The sweep's loss is plain cross-entropy, unmixed (find_lr): those keys do not change it.
-        swept = replace(train, lr=1.0, epochs=1, patience=0, label_smoothing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0,
-                        ema_decay=0.0)
+        swept = replace(train, lr=1.0, epochs=1, patience=0, min_epochs=0, label_smoothing=0.0, mixup_alpha=0.0,
+                        cutmix_alpha=0.0, ema_decay=0.0)
         identity = [built.arch, weights, mode, to_dict(swept), seed,
                     samples_digest(trained_samples(samples, subset)), world.size]
         # Rank 0 sweeps for all (on its share of the batches): every process trains at one lr.

@@ -45,7 +45,8 @@ def summary() -> None:
         write_json(json_path, report)
         md_path.write_text(text)
         curves.write_plot_data(rows, plots_dir)
-        plot_learning_curve(rows, plots_dir / "learning_curve.png", ", ".join(sorted({p["model"] for p in points})))
+        models = ", ".join(sorted({p.get("model", "?") for p in points}))
+        plot_learning_curve(rows, plots_dir / "learning_curve.png", models)
     write_offline_template()  # `dvc plots show` draws the curve without a network, as the main plots
     print(text)
 
