@@ -41,7 +41,7 @@ import numpy as np
 import yaml
 from speed import ROOT, bench_env, make_project, set_params, timed
 
-from transferlab.metrics import judge
+from transferlab.metrics import judge, mcnemar_p
 
 MODES = ("finetune", "extract", "scratch")
 RESULTS = ROOT / "docs" / "results.json"
@@ -78,14 +78,19 @@ def majority_answers(project: Path) -> str:
     return "".join("1" if label == majority else "0" for label in actual)
 
 
+def answers(text: str) -> np.ndarray:
+    """A string of 0s and 1s (right_answers') as a boolean array."""
+    return np.array([c == "1" for c in text])
+
+
 def rows(runs: list[dict], mode: str) -> np.ndarray:
     """(seeds, images) right/wrong of one mode over runs, as metrics.judge takes them."""
-    return np.array([[c == "1" for c in run["right"][mode]] for run in runs])
+    return np.array([answers(run["right"][mode]) for run in runs])
 
 
 def verdicts(runs: list[dict], baseline: list[dict] | None) -> dict:
     """Scratch against the majority class over the seeds; with a baseline, each mode against it."""
-    majority = np.array([[c == "1" for c in run["majority_right"]] for run in runs])
+    majority = np.array([answers(run["majority_right"]) for run in runs])
     out = {"scratch_vs_majority": judge([(rows(runs, "scratch"), majority)])[0]}
     if baseline:
         assert all(run["majority_right"] == base["majority_right"] for run, base in zip(runs, baseline)), \
@@ -142,8 +147,10 @@ def render(results: dict, name: str) -> str:
                          f"{'/'.join(str(run['modes'][mode]['epochs']) for run in runs)} | "
                          f"{statistics.mean(run['modes'][mode]['train_seconds'] for run in runs):.0f} |")
         walls = ", ".join(f"{run['wall_seconds'] / 60:.1f}" for run in runs)
+        majority = ", ".join(f"{mcnemar_p(answers(run['right']['scratch']), answers(run['majority_right'])):.2g}"
+                             for run in runs)
         lines.append(f"\nWhole `dvc repro`: {walls} min. Majority class: {runs[0]['majority_share']:.3f} "
-                     f"of the test images; scratch against it over the seeds: "
+                     f"of the test images; scratch against it, McNemar p per seed: {majority}; over the seeds: "
                      f"{_verdict(results['verdicts']['scratch_vs_majority'])}.\n")
         return "\n".join(lines)
     if name == "tutorial":

@@ -29,7 +29,7 @@ RUN_VERBATIM = {
     "source .venv/bin/activate": ACTIVATE,
     'export PATH="$PWD/.venv/bin:$PATH"': ACTIVATE,
     "dvc exp run -S model=resnet": EXPERIMENTS,
-    "dvc exp run -S scratch.lr=0.001 -S scratch.epochs=60": EXPERIMENTS,
+    "dvc exp run -S scratch.lr=0.01 -S scratch.epochs=60": EXPERIMENTS,
     "dvc exp run -S ++scratch.gamma=0.5": EXPERIMENTS,
     "dvc exp show --only-changed": EXPERIMENTS,
     "dvc exp run -n fine-tune -S finetune.head_epochs=1 -S finetune.backbone_lr_factor=0.1 -S finetune.scheduler=onecycle":

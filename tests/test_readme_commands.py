@@ -110,7 +110,7 @@ def test_experiments_rerun_what_depends_on_their_keys(made, tmp_path):
     assert all(f"Running stage '{stage}'" in out for stage in ("decode", "train-finetune", "evaluate", "plot"))
     restore(project, env)
 
-    for command in ("dvc exp run -S scratch.lr=0.001 -S scratch.epochs=60", "dvc exp run -S ++scratch.gamma=0.5"):
+    for command in ("dvc exp run -S scratch.lr=0.01 -S scratch.epochs=60", "dvc exp run -S ++scratch.gamma=0.5"):
         out = sh(command, project, env)
         assert "Running stage 'train-scratch'" in out and "Stage 'decode' didn't change, skipping" in out
         assert "Stage 'train-finetune' didn't change" in out and "Stage 'train-extract' didn't change" in out
