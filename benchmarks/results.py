@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import hashlib
 import json
 import re
 import shutil
@@ -78,6 +79,14 @@ def majority_answers(project: Path) -> str:
     return "".join("1" if label == majority else "0" for label in actual)
 
 
+def test_images(project: Path) -> str:
+    """A digest of the test images the predictions cover (path and class, in order), so that two
+    projects' answers are paired on the same images, not merely on the same labels."""
+    with open(project / "metrics/predictions/finetune.csv", newline="") as f:
+        listed = "\n".join(f"{row['path']}\t{row['actual']}" for row in csv.DictReader(f))
+    return hashlib.sha256(listed.encode()).hexdigest()
+
+
 def answers(text: str) -> np.ndarray:
     """A string of 0s and 1s (right_answers') as a boolean array."""
     return np.array([c == "1" for c in text])
@@ -93,7 +102,7 @@ def verdicts(runs: list[dict], baseline: list[dict] | None) -> dict:
     majority = np.array([answers(run["majority_right"]) for run in runs])
     out = {"scratch_vs_majority": judge([(rows(runs, "scratch"), majority)])[0]}
     if baseline:
-        assert all(run["majority_right"] == base["majority_right"] for run, base in zip(runs, baseline)), \
+        assert all(run["test_images"] == base["test_images"] for run, base in zip(runs, baseline)), \
             "the two projects were tested on different images"
         judged = judge([(rows(runs, mode), rows(baseline, mode)) for mode in MODES])
         out["vs_tutorial"] = dict(zip(MODES, judged))
@@ -120,7 +129,7 @@ def run_seed(project: Path, seed: int, env: dict) -> dict:
     majority = max(counts.values()) / sum(counts.values())
     return {"seed": seed, "wall_seconds": wall, "modes": modes, "pairs": pairs, "majority_share": majority,
             "right": {mode: right_answers(project, mode) for mode in MODES},
-            "majority_right": majority_answers(project)}
+            "majority_right": majority_answers(project), "test_images": test_images(project)}
 
 
 def _verdict(test: dict) -> str:
